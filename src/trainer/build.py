@@ -1,0 +1,199 @@
+"""From a checked Config to the live objects of a run: device, data, model, loss, optimizer, scheduler.
+
+Also resolves what the config left to the data (model sizes, image size, a schedule's length), so
+`trainer show-config` and the run folder's config.yaml show what was really used.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.components import LOSSES, OPTIMIZERS, SCHEDULERS, schedule_length_kwargs, scheduler_interval
+from trainer.config import DEFAULT_EPOCHS, Config
+from trainer.data import DATASETS, DataInfo, build_data
+from trainer.device import Precision, resolve_device, resolve_precision
+from trainer.engine import LoopSettings, seed_everything
+from trainer.errors import UsageError
+from trainer.models import MODELS, infer_model_kwargs
+from trainer.registry import RegistryError
+
+
+@dataclass
+class Built:
+    """Everything a run needs, built from one config."""
+
+    config: Config  # resolved: inferred sizes and schedule length filled in
+    device: torch.device
+    device_reason: str
+    precision: Precision
+    info: DataInfo
+    train_batches: Any
+    val_batches: Any
+    model: nn.Module
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    settings: LoopSettings
+
+
+def _component(kind: str, build: Any) -> Any:
+    # constructors may still refuse a value the signature allowed (lr=-1, betas out of range)
+    try:
+        return build()
+    except RegistryError as err:
+        raise UsageError(str(err), key=f"{kind}.{err.key}" if err.key else kind) from None
+    except (ValueError, TypeError) as err:
+        raise UsageError(f"{err}", key=kind) from None
+
+
+def build_run(config: Config, *, device: str | None = None) -> Built:
+    """Seed, resolve the device, then build data, model, loss, optimizer and scheduler in that order."""
+    seed_everything(config.seed)
+    torch_device, reason = resolve_device(device or config.device)
+    precision = resolve_precision(config.precision, torch_device)
+    resolved = config.model_copy(deep=True)
+    resolved.device = device or config.device
+
+    # data
+    model_entry = MODELS.get(config.model.name)
+    model_input_shape = model_entry.info.get("input_shape")
+    data_kwargs = config.data.kwargs
+    train_batches, val_batches, info = build_data(
+        config.data.name,
+        data_kwargs,
+        batch_size=config.data.batch_size,
+        val_fraction=config.data.val_fraction,
+        shuffle=config.data.shuffle,
+        seed=config.seed,
+        model_input_shape=tuple(model_input_shape) if model_input_shape else None,
+    )
+    if "image_size" in DATASETS.get(config.data.name).parameters() and data_kwargs.get("image_size") is None:
+        setattr(resolved.data, "image_size", info.input_shape[-1])
+
+    # model, with the sizes the data determines
+    inferred = infer_model_kwargs(config.model.name, config.model.kwargs, info)
+    for key, value in inferred.items():
+        setattr(resolved.model, key, value)
+    model = _component("model", lambda: MODELS.build(config.model.name, **resolved.model.kwargs))
+    model = model.to(torch_device)
+    train_batches = train_batches.to(torch_device)
+    val_batches = val_batches.to(torch_device) if val_batches is not None else None
+
+    # loss and optimizer
+    loss_fn = _component("loss", lambda: LOSSES.build(config.loss.name, **config.loss.kwargs))
+    optimizer = _component(
+        "optimizer", lambda: OPTIMIZERS.build(config.optimizer.name, model.parameters(), **config.optimizer.kwargs)
+    )
+
+    # the budget: epochs, or as many as max_steps needs
+    steps_per_epoch = len(train_batches)
+    if steps_per_epoch == 0:
+        raise UsageError(
+            f"the training split is empty or smaller than one batch ({info.train_size} samples, batch_size "
+            f"{config.data.batch_size})",
+            key="data.batch_size",
+        )
+    train = config.train
+    if train.epochs is not None:
+        epochs = train.epochs
+    elif train.max_steps is not None:
+        epochs = math.ceil(train.max_steps / steps_per_epoch)
+    else:
+        epochs = DEFAULT_EPOCHS
+    total_steps = min(epochs * steps_per_epoch, train.max_steps or epochs * steps_per_epoch)
+
+    # scheduler
+    scheduler, interval = None, "epoch"
+    if config.scheduler is not None:
+        sched = config.scheduler
+        interval = sched.interval or scheduler_interval(sched.name)
+        fills = schedule_length_kwargs(sched.name, sched.kwargs, interval=interval, epochs=epochs, total_steps=total_steps)
+        for key, value in fills.items():
+            setattr(resolved.scheduler, key, value)
+        resolved.scheduler.interval = interval
+        scheduler = _component(
+            "scheduler", lambda: SCHEDULERS.build(sched.name, optimizer, **{**sched.kwargs, **fills})
+        )
+
+    settings = LoopSettings(
+        epochs=epochs,
+        max_steps=train.max_steps,
+        log_every=train.log_every,
+        grad_clip=train.grad_clip,
+        classification=info.task == "classification",
+        scheduler_interval=interval,
+    )
+    return Built(
+        config=resolved,
+        device=torch_device,
+        device_reason=reason,
+        precision=precision,
+        info=info,
+        train_batches=train_batches,
+        val_batches=val_batches,
+        model=model,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        settings=settings,
+    )
+
+
+_REGRESSION_LOSSES = {"mse", "l1", "smooth_l1", "huber"}
+_CLASS_LOSSES = {"cross_entropy", "nll", "multi_margin"}
+
+
+def check_one_batch(built: Built) -> None:
+    """Push one real batch through forward, loss and backward; a shape or type mismatch becomes a
+    UsageError that names the model, the shapes and the config key that would fix it.
+
+    Nothing is learned: gradients are cleared and the RNG state is restored afterwards.
+    """
+    rng = torch.get_rng_state()
+    inputs, targets = next(iter(built.train_batches.epoch(0)))
+    outputs = None
+    try:
+        with built.precision.autocast():
+            outputs = built.model(inputs)
+            loss = built.loss_fn(outputs, targets)
+        loss.backward()
+    except (RuntimeError, ValueError, IndexError, TypeError) as err:
+        raise UsageError(_mismatch_message(built, err, inputs, targets, outputs)) from None
+    finally:
+        built.optimizer.zero_grad(set_to_none=True)
+        torch.set_rng_state(rng)
+
+
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def _mismatch_message(built: Built, err: Exception, inputs: torch.Tensor, targets: torch.Tensor, outputs: Any) -> str:
+    config, info = built.config, built.info
+    model_name, loss_name, data_name = config.model.name, config.loss.name, config.data.name
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if outputs is None:  # the forward pass failed
+        expected = MODELS.get(model_name).info.get("input_shape")
+        hint = ""
+        if expected and len(expected) == 3 and tuple(expected) != tuple(info.input_shape):
+            hint = f"; set data.image_size={expected[-1]} (model {model_name} takes {tuple(expected)} images)"
+        elif expected:
+            hint = f"; check the size arguments under model: (its default input is {tuple(expected)})"
+        return (
+            f"model: '{model_name}' cannot take inputs of shape {tuple(inputs.shape)} from data '{data_name}' "
+            f"(one sample: {tuple(info.input_shape)}): {first}{hint}"
+        )
+    hint = ""
+    if info.task == "classification" and loss_name in _REGRESSION_LOSSES:
+        hint = f"; data '{data_name}' gives class labels: use loss.name=cross_entropy (or nll after a log-softmax)"
+    elif info.task == "regression" and loss_name in _CLASS_LOSSES:
+        hint = f"; data '{data_name}' gives regression targets: use loss.name=mse"
+    return (
+        f"loss.name: '{loss_name}' cannot compare the output of model '{model_name}' {tuple(outputs.shape)} "
+        f"with targets {tuple(targets.shape)} ({_dtype(targets)}) from data '{data_name}': {first}{hint}"
+    )

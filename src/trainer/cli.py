@@ -1,0 +1,187 @@
+"""The `trainer` command line: the only module that imports Typer and turns exceptions into exit codes.
+
+Exit codes: 0 done; 1 a run that failed while training; 2 bad input; 130 SIGINT; 143 SIGTERM.
+torch is imported inside the commands, so `trainer --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="trainer",
+    help="Train PyTorch models from a YAML config: trainer run configs/lenet.yaml",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+EXIT_FAILED, EXIT_USAGE = 1, 2
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _fail(message: str, code: int) -> None:
+    # markup off: messages repeat user input, which may contain [brackets]
+    err_console.print(f"error: {message}", markup=False, style="bold red" if code != EXIT_USAGE else None)
+    raise typer.Exit(code)
+
+
+def _guarded(action: Callable[[], None]) -> None:
+    """Run a command body, mapping our exceptions to a message and an exit code (never a traceback)."""
+    from trainer.errors import TrainingFailed, UsageError
+
+    try:
+        action()
+    except UsageError as err:
+        _fail(str(err), EXIT_USAGE)
+    except TrainingFailed as err:
+        _fail(str(err), EXIT_FAILED)
+    except KeyboardInterrupt:
+        err_console.print("interrupted (SIGINT)")
+        raise typer.Exit(130)
+    except Exception as err:
+        from trainer.runs import Stopped
+
+        if isinstance(err, Stopped):
+            err_console.print(f"stopped by {err}")
+            raise typer.Exit(err.exit_code)
+        raise
+
+
+ConfigArg = typer.Argument(..., help="A YAML config file, e.g. configs/lenet.yaml", show_default=False)
+OverridesArg = typer.Argument(None, help="KEY=VALUE overrides, e.g. optimizer.lr=0.1 train.epochs=3", show_default=False)
+
+
+def _load(config: Path, overrides: Optional[List[str]]):
+    from trainer.config import load_config
+
+    return load_config(config, overrides or [])
+
+
+@app.command()
+def run(
+    config: Path = ConfigArg,
+    overrides: Optional[List[str]] = OverridesArg,
+    device: Optional[str] = typer.Option(None, "--device", help="Override the config's device: auto, cpu, cuda, cuda:N, mps"),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Write the run exactly here (a new or empty folder)"),
+    runs_root: Path = typer.Option(Path("runs"), "--runs-root", help="Where run folders go: <root>/<name>/<timestamp>"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the result line"),
+) -> None:
+    """Train a model from CONFIG; prints the run folder."""
+
+    def action() -> None:
+        from trainer.runs import execute_run
+
+        cfg = _load(config, overrides)
+        result = execute_run(cfg, run_dir=run_dir, root=runs_root, device=device, quiet=quiet)
+        # the one line a script can capture
+        print(result.run_dir)
+
+    _guarded(action)
+
+
+@app.command()
+def validate(config: Path = ConfigArg, overrides: Optional[List[str]] = OverridesArg) -> None:
+    """Check CONFIG, build everything and push one batch through; trains nothing."""
+
+    def action() -> None:
+        from trainer.build import build_run, check_one_batch
+        from trainer.data import describe_data
+        from trainer.models import count_parameters
+
+        cfg = _load(config, overrides)
+        built = build_run(cfg)
+        check_one_batch(built)
+        out = Console(highlight=False)
+        out.print(f"{config}: valid", markup=False)
+        out.print(
+            f"  model {built.config.model.name} ({count_parameters(built.model):,} parameters) on {built.device}; "
+            f"data {built.config.data.name}: {describe_data(built.info)}",
+            markup=False,
+        )
+        out.print(
+            f"  {built.settings.epochs} epochs x {len(built.train_batches)} steps"
+            + (f", at most {built.settings.max_steps} steps" if built.settings.max_steps else ""),
+            markup=False,
+        )
+
+    _guarded(action)
+
+
+@app.command("show-config")
+def show_config(config: Path = ConfigArg, overrides: Optional[List[str]] = OverridesArg) -> None:
+    """Print the fully resolved config as YAML: defaults and inferred sizes filled in."""
+
+    def action() -> None:
+        from trainer.build import build_run
+
+        cfg = _load(config, overrides)
+        built = build_run(cfg)
+        sys.stdout.write(built.config.to_yaml())
+
+    _guarded(action)
+
+
+@app.command("list-models")
+def list_models() -> None:
+    """The registered models: name, description, input shape, parameter count."""
+    _guarded(lambda: _print_registry("models"))
+
+
+class Kind(str, Enum):
+    models = "models"
+    datasets = "datasets"
+    losses = "losses"
+    optimizers = "optimizers"
+    schedulers = "schedulers"
+
+
+@app.command("list")
+def list_(kind: Optional[Kind] = typer.Argument(None, help="models, datasets, losses, optimizers or schedulers")) -> None:
+    """List a registry (all of them when KIND is left out)."""
+
+    def action() -> None:
+        for k in [kind] if kind else list(Kind):
+            _print_registry(k.value)
+
+    _guarded(action)
+
+
+def _print_registry(kind: str) -> None:
+    from rich.table import Table
+
+    from trainer.config import registries
+
+    registry = {r.plural: r for r in registries().values()}[kind]
+    table = Table(title=kind, title_justify="left", show_edge=False, pad_edge=False)
+    table.add_column("name", style="bold", no_wrap=True)
+    if kind == "models":
+        from trainer.models import count_parameters
+
+        table.add_column("input", no_wrap=True)
+        table.add_column("parameters", justify="right", no_wrap=True)
+    table.add_column("description")
+    for entry in registry:
+        aliases = registry.aliases_of(entry.name)
+        name = entry.name + (f" ({', '.join(aliases)})" if aliases else "")
+        if kind == "models":
+            shape = entry.info.get("input_shape")
+            table.add_row(name, "x".join(map(str, shape)) if shape else "any", f"{count_parameters(entry.factory()):,}", entry.description)
+        else:
+            table.add_row(name, entry.description)
+    Console().print(table)
+
+
+def main() -> None:  # pragma: no cover - `python -m trainer`
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

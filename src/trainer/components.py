@@ -1,0 +1,109 @@
+"""Losses, optimizers and schedulers, derived from torch.nn, torch.optim and torch.optim.lr_scheduler.
+
+Names are made from the class names, not listed by hand, so a new torch release brings its new
+classes along: `CrossEntropyLoss` -> `cross_entropy`, `AdamW` -> `adamw`,
+`CosineAnnealingLR` -> `cosine_annealing` (alias `cosine`), `ReduceLROnPlateau` -> `reduce_lr_on_plateau`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.registry import Registry
+
+LOSSES = Registry("loss", plural="losses")
+OPTIMIZERS = Registry("optimizer")
+SCHEDULERS = Registry("scheduler")
+
+# they need a Python callable or other schedulers as arguments, which a YAML file cannot hold
+_NOT_CONFIGURABLE = {"LBFGS", "LambdaLR", "MultiplicativeLR", "SequentialLR", "ChainedScheduler"}
+# schedulers that move the learning rate every batch rather than every epoch
+PER_STEP_SCHEDULERS = {"one_cycle", "cyclic"}
+# the arguments the runner fills in itself (the optimizer it steps, the schedule's length)
+_RUNNER_FILLED = ("params", "optimizer")
+
+
+def snake_case(name: str) -> str:
+    """`BCEWithLogits` -> `bce_with_logits`, `ReduceLROnPlateau` -> `reduce_lr_on_plateau`."""
+    name = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name)
+    name = re.sub(r"(?<=[A-Z])(?=[A-Z][a-z])", "_", name)
+    return name.lower()
+
+
+def _first_doc_line(cls: type, fallback: str) -> str:
+    lines = (inspect.getdoc(cls) or "").strip().splitlines()
+    line = lines[0].strip() if lines else ""
+    # torch docstrings often start with a reST role or run on; keep the console listing tidy
+    line = re.sub(r":(class|func|math|attr):`~?([^`]*)`", r"\2", line)
+    return (line[:90] + "...") if len(line) > 93 else (line or fallback)
+
+
+def _register_losses() -> None:
+    for cls_name, cls in sorted(vars(nn.modules.loss).items()):
+        if not (inspect.isclass(cls) and issubclass(cls, nn.modules.loss._Loss)) or cls_name.startswith("_"):
+            continue
+        if not cls_name.endswith("Loss"):
+            continue
+        LOSSES.add(snake_case(cls_name[: -len("Loss")]), cls, description=_first_doc_line(cls, cls_name))
+
+
+def _register_optimizers() -> None:
+    for cls_name in sorted(dir(torch.optim)):
+        cls = getattr(torch.optim, cls_name)
+        if not (inspect.isclass(cls) and issubclass(cls, torch.optim.Optimizer)) or cls is torch.optim.Optimizer:
+            continue
+        if cls_name in _NOT_CONFIGURABLE:
+            continue
+        OPTIMIZERS.add(cls_name.lower(), cls, description=_first_doc_line(cls, cls_name), skip_params=_RUNNER_FILLED)
+
+
+def _register_schedulers() -> None:
+    sched = torch.optim.lr_scheduler
+    base = getattr(sched, "LRScheduler", None) or sched._LRScheduler
+    for cls_name in sorted(dir(sched)):
+        cls = getattr(sched, cls_name)
+        if not inspect.isclass(cls) or cls_name.startswith("_") or cls_name in _NOT_CONFIGURABLE:
+            continue
+        if not (issubclass(cls, base) or cls is sched.ReduceLROnPlateau) or cls in (base, sched._LRScheduler):
+            continue
+        name = snake_case(cls_name[:-2] if cls_name.endswith("LR") else cls_name)
+        aliases = ["cosine"] if name == "cosine_annealing" else []
+        SCHEDULERS.add(
+            name, cls, description=_first_doc_line(cls, cls_name), aliases=aliases, skip_params=_RUNNER_FILLED
+        )
+
+
+_register_losses()
+_register_optimizers()
+_register_schedulers()
+
+
+def scheduler_interval(name: str) -> str:
+    """'step' for schedulers that move every batch (OneCycleLR, CyclicLR), else 'epoch'."""
+    return "step" if SCHEDULERS.get(name).name in PER_STEP_SCHEDULERS else "epoch"
+
+
+def schedule_length_kwargs(name: str, given: dict[str, Any], *, interval: str, epochs: int, total_steps: int) -> dict[str, Any]:
+    """Arguments that fix a schedule's length, filled from the training budget when left out.
+
+    cosine_annealing's T_max, one_cycle's total_steps and polynomial/linear's total_iters are the
+    number of scheduler steps: epochs for a per-epoch scheduler, optimizer steps for a per-step one.
+    """
+    canonical = SCHEDULERS.get(name).name
+    length = total_steps if interval == "step" else epochs
+    fills = {
+        "cosine_annealing": {"T_max": length},
+        "one_cycle": {"total_steps": length},
+        "polynomial": {"total_iters": length},
+    }.get(canonical, {})
+    return {k: v for k, v in fills.items() if k not in given}
+
+
+def is_plateau(scheduler: Any) -> bool:
+    """ReduceLROnPlateau is stepped with a metric, not on its own."""
+    return isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)

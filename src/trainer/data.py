@@ -1,0 +1,604 @@
+"""Datasets and the batch iterators the training loop consumes.
+
+Every dataset is a factory in `DATASETS` that returns `Splits`: a train split and, when the data
+has one of its own, a validation split. `build_data` turns that into batch iterators:
+
+- `TensorBatches`, the fast path for data that fits in memory: the whole x and y live on the
+  device and a batch is one indexing operation with a seeded permutation, no DataLoader;
+- `LoaderBatches`, a DataLoader over a `Dataset` (image folders read from disk) that yields the
+  same batches in the same order as `TensorBatches` would for the same data and seed.
+
+Both shuffle with `torch.randperm` seeded by `epoch_seed(seed, epoch)`, so an epoch can be
+replayed, or resumed from batch k, exactly. torchvision is imported only inside the factories that
+need it, so `import trainer.data` stays light.
+"""
+
+from __future__ import annotations
+
+import csv as csv_module
+import gzip
+import importlib.resources
+import inspect
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+
+from trainer.errors import DataError
+from trainer.registry import Registry, RegistryError, close_match
+
+DATASETS = Registry("dataset")
+
+Data = tuple[Tensor, Tensor] | Dataset
+
+
+@dataclass
+class DataInfo:
+    """What the rest of the runner needs to know about the data (read off the tensors)."""
+
+    input_shape: tuple[int, ...]  # one sample, e.g. (1, 32, 32) or (100,)
+    target_shape: tuple[int, ...]  # () for class labels, (k,) for regression targets
+    task: str  # "classification" | "regression"
+    num_classes: int | None  # classification only
+    train_size: int
+    val_size: int  # 0 when there is no validation split
+
+
+@dataclass
+class Splits:
+    """What every dataset factory returns.
+
+    `val=None` means the data has no validation split of its own: `build_data` splits off
+    `val_fraction` of the train split. `num_classes` is set when the factory knows it (a split
+    may not contain every class).
+    """
+
+    train: Data
+    val: Data | None
+    num_classes: int | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# order of samples
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of epoch `epoch`'s shuffle: `(seed * 1_000_003 + epoch) mod 2**63`.
+
+    The large prime multiplier keeps the epochs of nearby seeds apart (seed 0 epoch 1 is not
+    seed 1 epoch 0); the modulus keeps the value a valid, non-negative generator seed.
+    """
+    return (seed * 1_000_003 + epoch) % 2**63
+
+
+def _permutation(n: int, seed: int, epoch: int) -> Tensor:
+    """The shuffled order of epoch `epoch`, always computed on the CPU so every device agrees."""
+    generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+    return torch.randperm(n, generator=generator)
+
+
+def _num_batches(n: int, batch_size: int, drop_last: bool) -> int:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    return n // batch_size if drop_last else math.ceil(n / batch_size)
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Seeded random split of range(n) into (train, val) indices, each sorted.
+
+    The val split has round(n * val_fraction) samples, at least 1 when val_fraction > 0;
+    val_fraction 0 gives an empty val split. Raises DataError(key="data.val_fraction") when the
+    fraction is out of [0, 1) or leaves a split empty.
+    """
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"must be at least 0 and less than 1, got {val_fraction}", key="data.val_fraction")
+    n_val = max(1, round(n * val_fraction)) if val_fraction > 0 else 0
+    if n_val >= n:
+        raise DataError(
+            f"{val_fraction} of {n} samples leaves no training samples; use a smaller fraction",
+            key="data.val_fraction",
+        )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[n_val:].sort().values, order[:n_val].sort().values
+
+
+# ---------------------------------------------------------------------------------------------
+# batch iterators
+
+
+class TensorBatches:
+    """In-memory fast path: whole x, y tensors (moved to the device once), batched by indexing with a
+    seeded per-epoch permutation. No DataLoader, no per-sample Python."""
+
+    def __init__(self, x: Tensor, y: Tensor, batch_size: int, shuffle: bool, seed: int, drop_last: bool = False):
+        if len(x) != len(y):
+            raise ValueError(f"x has {len(x)} samples but y has {len(y)}")
+        self.x, self.y = x, y
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.num_samples = len(x)
+        self._len = _num_batches(self.num_samples, batch_size, drop_last)
+
+    def to(self, device: torch.device | str) -> TensorBatches:
+        """Move x and y to `device`; returns self."""
+        self.x, self.y = self.x.to(device), self.y.to(device)
+        return self
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        return self._len
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """The batches of epoch `epoch`, skipping the first `start_batch` (to resume mid-epoch)."""
+        order = _permutation(self.num_samples, self.seed, epoch).to(self.x.device) if self.shuffle else None
+        for b in range(start_batch, self._len):
+            lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, self.num_samples)
+            if order is None:
+                yield self.x[lo:hi], self.y[lo:hi]  # views: no copy when not shuffling
+            else:
+                index = order[lo:hi]
+                yield self.x[index], self.y[index]
+
+
+class _EpochSampler(Sampler[int]):
+    """Yields the sample order `TensorBatches` uses for (seed, epoch), from sample `start` on.
+
+    It runs in the main process (workers only load samples), so setting `epoch` and `start`
+    before each `iter(loader)` takes effect even with persistent workers.
+    """
+
+    def __init__(self, n: int, shuffle: bool, seed: int) -> None:
+        self.n, self.shuffle, self.seed = n, shuffle, seed
+        self.epoch = 0
+        self.start = 0
+
+    def __iter__(self) -> Iterator[int]:
+        order = _permutation(self.n, self.seed, self.epoch) if self.shuffle else torch.arange(self.n)
+        return iter(order[self.start :].tolist())
+
+    def __len__(self) -> int:
+        return max(0, self.n - self.start)
+
+
+class LoaderBatches:
+    """DataLoader path for datasets that are not tensors in memory (image_folder). Same interface as
+    TensorBatches, and the same order for the same seed: a sampler that yields the same permutation."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        drop_last: bool = False,
+        num_workers: int | None = None,
+    ):
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.num_samples = len(dataset)
+        self._len = _num_batches(self.num_samples, batch_size, drop_last)
+        if num_workers is None:
+            num_workers = max(0, min(4, (os.cpu_count() or 1) - 1))  # leave a core for the loop
+        self.num_workers = num_workers
+        self.device: torch.device | None = None
+        self._sampler = _EpochSampler(self.num_samples, shuffle, seed)
+        self._loader: DataLoader | None = None  # built on first use, once the device is known
+
+    def to(self, device: torch.device | str) -> LoaderBatches:
+        """Batches will be copied to `device` (pinned, non-blocking when it is CUDA); returns self."""
+        self.device = torch.device(device)
+        self._loader = None  # pin_memory depends on the device
+        return self
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        return self._len
+
+    def _get_loader(self) -> DataLoader:
+        if self._loader is None:
+            self._loader = DataLoader(
+                self.dataset,
+                batch_size=self.batch_size,
+                sampler=self._sampler,
+                drop_last=self.drop_last,
+                num_workers=self.num_workers,
+                persistent_workers=self.num_workers > 0,
+                pin_memory=self._cuda,
+                # the workers' base seed would otherwise be drawn from (and advance) the global RNG
+                generator=torch.Generator().manual_seed(self._sampler.seed),
+            )
+        return self._loader
+
+    @property
+    def _cuda(self) -> bool:
+        return self.device is not None and self.device.type == "cuda"
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """The batches of epoch `epoch` on the device, skipping the first `start_batch`."""
+        loader = self._get_loader()
+        self._sampler.epoch = epoch
+        # start on a batch boundary so the remaining batches are exactly the tail of the full epoch
+        self._sampler.start = start_batch * self.batch_size
+        for x, y in loader:
+            if self.device is not None:
+                x = x.to(self.device, non_blocking=self._cuda)
+                y = y.to(self.device, non_blocking=self._cuda)
+            yield x, y
+
+
+# ---------------------------------------------------------------------------------------------
+# building
+
+
+def build_data(
+    name: str,
+    kwargs: dict[str, Any],
+    *,
+    batch_size: int,
+    val_fraction: float,
+    shuffle: bool,
+    seed: int,
+    model_input_shape: tuple[int, ...] | None = None,
+) -> tuple[TensorBatches | LoaderBatches, TensorBatches | LoaderBatches | None, DataInfo]:
+    """Build dataset `name` from its config kwargs: (train batches, val batches or None, DataInfo).
+
+    The runner fills in what a config cannot set: the `seed` of factories that draw random
+    numbers, `val_fraction` for factories that split themselves (csv), and, when the model's
+    input is an image shape (C, H, W), `image_size=None` -> W and image_folder's
+    `grayscale=None` -> (C == 1). A factory that returns no val split gets `val_fraction` of its
+    train split held out. Validation batches are never shuffled.
+    """
+    try:
+        entry = DATASETS.get(name)
+    except RegistryError as err:
+        raise DataError(str(err), key="data.name") from None
+    kwargs, problems = DATASETS.check_kwargs(name, kwargs)
+    problems += [(arg, f"{name}() needs argument '{arg}'") for arg in DATASETS.missing_kwargs(name, kwargs)]
+    if problems:
+        (first, message), rest = problems[0], problems[1:]
+        raise DataError("; ".join([message] + [f"data.{arg}: {msg}" for arg, msg in rest]), key=f"data.{first}")
+    if batch_size < 1:
+        raise DataError(f"must be at least 1, got {batch_size}", key="data.batch_size")
+
+    accepts = inspect.signature(entry.factory).parameters
+    image_shape = model_input_shape if model_input_shape is not None and len(model_input_shape) == 3 else None
+    if "seed" in accepts:
+        kwargs["seed"] = seed
+    if "val_fraction" in accepts:
+        kwargs["val_fraction"] = val_fraction
+    if "image_size" in accepts and kwargs.get("image_size") is None and image_shape:
+        kwargs["image_size"] = image_shape[-1]
+    if "grayscale" in accepts and kwargs.get("grayscale") is None and image_shape:
+        kwargs["grayscale"] = image_shape[0] == 1
+    splits: Splits = entry.factory(**kwargs)
+
+    train, val = splits.train, splits.val
+    if val is None:
+        train_idx, val_idx = split_indices(_length(train), val_fraction, seed)
+        if len(val_idx):
+            train, val = _take(train, train_idx), _take(train, val_idx)
+    if val is not None and _length(val) == 0:
+        val = None
+
+    info = _data_info(train, val, splits.num_classes)
+    train_batches = _batches(train, batch_size, shuffle, seed)
+    val_batches = _batches(val, batch_size, False, seed) if val is not None else None
+    return train_batches, val_batches, info
+
+
+def describe_data(info: DataInfo) -> str:
+    """One short console line, e.g. '1437 train / 360 val samples, input (1, 32, 32), 10 classes'."""
+    if info.val_size:
+        sizes = f"{info.train_size} train / {info.val_size} val samples"
+    else:
+        sizes = f"{info.train_size} train samples, no validation"
+    if info.task == "classification":
+        return f"{sizes}, input {info.input_shape}, {info.num_classes} classes"
+    return f"{sizes}, input {info.input_shape}, target {info.target_shape}"
+
+
+def _length(data: Data) -> int:
+    return len(data[0]) if isinstance(data, tuple) else len(data)
+
+
+def _take(data: Data, index: Tensor) -> Data:
+    if isinstance(data, tuple):
+        return data[0][index], data[1][index]
+    return Subset(data, index.tolist())
+
+
+def _batches(data: Data, batch_size: int, shuffle: bool, seed: int) -> TensorBatches | LoaderBatches:
+    if isinstance(data, tuple):
+        return TensorBatches(data[0], data[1], batch_size, shuffle, seed)
+    return LoaderBatches(data, batch_size, shuffle, seed)
+
+
+def _data_info(train: Data, val: Data | None, num_classes: int | None) -> DataInfo:
+    if isinstance(train, tuple):
+        x, y = train[0][0], train[1][0]
+    else:
+        x, y = train[0]
+        y = torch.as_tensor(y)  # ImageFolder gives Python int labels
+    classification = y.ndim == 0 and not (y.is_floating_point() or y.is_complex())
+    if classification and num_classes is None:
+        # only tensors reach here: Dataset factories always know their classes
+        num_classes = 1 + max(int(part[1].max()) for part in (train, val) if part is not None)
+    return DataInfo(
+        input_shape=tuple(x.shape),
+        target_shape=tuple(y.shape),
+        task="classification" if classification else "regression",
+        num_classes=num_classes if classification else None,
+        train_size=_length(train),
+        val_size=_length(val) if val is not None else 0,
+    )
+
+
+def _resize(x: Tensor, size: int) -> Tensor:
+    """Bilinear resize of (N, C, H, W) images to size x size (no-op when already that size)."""
+    if size < 1:
+        raise DataError(f"must be at least 1, got {size}", key="data.image_size")
+    if x.shape[-2:] == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# the datasets
+
+
+@DATASETS.register("tensors")
+def tensors(x: list, y: list) -> Splits:
+    """Inline data from the config: x, y as nested lists (1-D int y -> class labels, else regression)."""
+    try:
+        xs = torch.tensor(x, dtype=torch.float32)
+    except (TypeError, ValueError) as err:
+        raise DataError(f"must be a list of numbers or equal-length lists of numbers ({err})", key="data.x") from None
+    labels = all(isinstance(v, int) and not isinstance(v, bool) for v in y)
+    try:
+        ys = torch.tensor(y, dtype=torch.int64 if labels else torch.float32)
+    except (TypeError, ValueError) as err:
+        raise DataError(f"must be a list of numbers or equal-length lists of numbers ({err})", key="data.y") from None
+    if len(xs) == 0:
+        raise DataError("has no samples", key="data.x")
+    if len(xs) != len(ys):
+        raise DataError(f"data.x has {len(xs)} samples but data.y has {len(ys)}", key="data.y")
+    if labels and int(ys.min()) < 0:
+        raise DataError(f"class labels must be 0 or more, got {int(ys.min())}", key="data.y")
+    if xs.ndim == 1:
+        xs = xs[:, None]  # one feature per sample
+    if ys.ndim == 1 and not labels:
+        ys = ys[:, None]  # one regression target per sample
+    return Splits(train=(xs, ys), val=None)
+
+
+@DATASETS.register("affine", skip_params=("seed",))
+def affine(
+    size: int = 1000, features: int = 1, weight: float = 0.5, bias: float = 0.3, noise: float = 0.0, seed: int = 0
+) -> Splits:
+    """Synthetic regression: x ~ N(0,1) of shape (size, features), y = weight * x + bias + noise * N(0,1)."""
+    _check_positive(size=size, features=features)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(size, features, generator=generator)
+    y = weight * x + bias + noise * torch.randn(size, features, generator=generator)
+    return Splits(train=(x, y), val=None)
+
+
+@DATASETS.register("random", skip_params=("seed",))
+def random(
+    size: int = 64,
+    input_shape: tuple[int, ...] = (1000,),
+    target_shape: tuple[int, ...] = (10,),
+    num_classes: int | None = None,
+    seed: int = 0,
+) -> Splits:
+    """Random N(0,1) inputs with N(0,1) regression targets, or class labels when num_classes is set."""
+    _check_positive(size=size, **({} if num_classes is None else {"num_classes": num_classes}))
+    for key, shape in (("input_shape", input_shape), ("target_shape", target_shape if num_classes is None else ())):
+        if any(d < 1 for d in shape):
+            raise DataError(f"dimensions must be at least 1, got {list(shape)}", key=f"data.{key}")
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(size, *input_shape, generator=generator)
+    if num_classes is None:
+        y = torch.randn(size, *target_shape, generator=generator)
+    else:
+        y = torch.randint(num_classes, (size,), generator=generator)
+    return Splits(train=(x, y), val=None, num_classes=num_classes)
+
+
+@DATASETS.register("digits")
+def digits(image_size: int | None = None) -> Splits:
+    """The embedded UCI optical digits: 1797 real handwritten 8x8 digits, upscaled to image_size."""
+    with importlib.resources.files("trainer").joinpath("assets/digits.npz").open("rb") as f, np.load(f) as npz:
+        images, labels = npz["images"], npz["labels"]
+    x = torch.from_numpy(images).float().div_(16).unsqueeze(1)  # pixel counts 0..16 -> [0, 1]
+    x = _resize(x, 8 if image_size is None else image_size)
+    return Splits(train=(x, torch.from_numpy(labels).long()), val=None, num_classes=10)
+
+
+@DATASETS.register("mnist")
+def mnist(root: str = "data", download: bool = False, image_size: int | None = None) -> Splits:
+    """MNIST through torchvision: train split to train, test split to validate (val_fraction does not apply)."""
+    return _torchvision_mnist("MNIST", root, download, image_size)
+
+
+@DATASETS.register("fashion_mnist")
+def fashion_mnist(root: str = "data", download: bool = False, image_size: int | None = None) -> Splits:
+    """Fashion-MNIST through torchvision: train split to train, test split to validate (val_fraction does not apply)."""
+    return _torchvision_mnist("FashionMNIST", root, download, image_size)
+
+
+def _torchvision_mnist(class_name: str, root: str, download: bool, image_size: int | None) -> Splits:
+    """Load both splits of torchvision's MNIST-like `class_name` into memory as float tensors."""
+    import torchvision.datasets
+
+    cls = getattr(torchvision.datasets, class_name)
+    root = os.path.expanduser(root)
+    raw = Path(root) / class_name / "raw"  # where torchvision looks: <root>/<class name>/raw
+    expected = [Path(name).stem for name, _ in cls.resources]  # the resources are the .gz names
+    _gunzip_missing(raw, expected)
+    try:
+        train = cls(root, train=True, download=download)
+        test = cls(root, train=False)
+    except (RuntimeError, OSError, ValueError, TypeError, AssertionError) as err:
+        missing = [name for name in expected if not (raw / name).is_file()]
+        files = ", ".join(expected)
+        if missing and not download:
+            partly = f"; missing: {', '.join(missing)}" if len(missing) < len(expected) else ""
+            message = (
+                f"{class_name} not found: {raw} must hold {files} (optionally as .gz){partly}. "
+                "Put the files there, or set data.download=true on a machine with internet"
+            )
+        elif missing:
+            # torchvision's message lists every mirror tried; its last line is the underlying error
+            reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            message = (
+                f"could not download {class_name} into {raw} ({reason}); "
+                f"without internet, put {files} (optionally as .gz) there by hand"
+            )
+        else:
+            message = f"could not read {class_name} from {raw}: {type(err).__name__}: {err}"
+        raise DataError(message, key="data.root") from None
+    size = 28 if image_size is None else image_size
+
+    def to_tensors(split: Any) -> tuple[Tensor, Tensor]:
+        x = split.data.float().div_(255).unsqueeze(1)  # uint8 (N, 28, 28) -> float (N, 1, 28, 28)
+        return _resize(x, size), split.targets.long()
+
+    return Splits(train=to_tensors(train), val=to_tensors(test), num_classes=len(train.classes))
+
+
+def _gunzip_missing(folder: Path, names: list[str]) -> None:
+    """Unpack `name.gz` next to it when only the .gz is there: torchvision reads the unpacked files only."""
+    for name in names:
+        packed, unpacked = folder / f"{name}.gz", folder / name
+        if packed.is_file() and not unpacked.exists():
+            try:
+                with gzip.open(packed, "rb") as src, open(unpacked, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+            except OSError as err:
+                unpacked.unlink(missing_ok=True)
+                raise DataError(f"could not unpack {packed}: {err}", key="data.root") from None
+
+
+@DATASETS.register("csv", skip_params=("seed", "val_fraction"))
+def csv(
+    path: str,
+    target: str,
+    task: Literal["regression", "classification"] = "regression",
+    standardize: bool = True,
+    seed: int = 0,
+    val_fraction: float = 0.0,
+) -> Splits:
+    """A CSV table with a header row: numeric feature columns and one target column."""
+    if task not in ("regression", "classification"):
+        raise DataError(f"must be 'regression' or 'classification', got {task!r}", key="data.task")
+    header, rows = _read_csv(path)
+    if target not in header:
+        guess = close_match(target, header)
+        hint = f"did you mean '{guess}'? " if guess else ""
+        raise DataError(f"{path} has no column '{target}'; {hint}it has: {', '.join(header)}", key="data.target")
+    if len(header) < 2:
+        raise DataError(f"{path} has no feature columns besides the target '{target}'", key="data.path")
+    t = header.index(target)
+    features = [(j, name) for j, name in enumerate(header) if j != t]
+    x = torch.tensor(
+        [[_number(row[j], path, name, line) for j, name in features] for line, row in rows], dtype=torch.float32
+    )
+    values = [row[t] for _, row in rows]
+    num_classes = None
+    if task == "classification":
+        classes = sorted(set(values), key=_label_sort_key(values))
+        num_classes = len(classes)
+        index = {value: i for i, value in enumerate(classes)}
+        y = torch.tensor([index[v] for v in values], dtype=torch.int64)
+    else:
+        y = torch.tensor([[_number(row[t], path, target, line)] for line, row in rows], dtype=torch.float32)
+
+    train_idx, val_idx = split_indices(len(x), val_fraction, seed)
+    if standardize:
+        # train statistics only: the val split must not leak into the features the model trains on
+        mean, std = x[train_idx].mean(0), x[train_idx].std(0, correction=0)
+        x = (x - mean) / torch.where(std > 0, std, torch.ones_like(std))
+    return Splits(train=(x[train_idx], y[train_idx]), val=(x[val_idx], y[val_idx]), num_classes=num_classes)
+
+
+def _read_csv(path: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The header and the non-blank rows (with their line numbers) of a CSV file."""
+    try:
+        with open(os.path.expanduser(path), newline="") as f:
+            reader = csv_module.reader(f)
+            header = [name.strip() for name in next(reader, [])]
+            rows = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+    except FileNotFoundError:
+        raise DataError(f"no such file: {path}", key="data.path") from None
+    except (OSError, UnicodeDecodeError, csv_module.Error) as err:
+        raise DataError(f"cannot read {path}: {err}", key="data.path") from None
+    if not header:
+        raise DataError(f"{path} is empty; it needs a header row naming the columns", key="data.path")
+    if not rows:
+        raise DataError(f"{path} has a header but no rows", key="data.path")
+    for line, row in rows:
+        if len(row) != len(header):
+            raise DataError(
+                f"{path} line {line} has {len(row)} fields but the header has {len(header)}", key="data.path"
+            )
+    return header, rows
+
+
+def _number(text: str, path: str, column: str, line: int) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise DataError(
+            f"{path} line {line}, column '{column}': expected a number, got {text!r}", key="data.path"
+        ) from None
+
+
+def _label_sort_key(values: list[str]) -> Any:
+    """Sort labels numerically when they all are numbers (so '10' comes after '9'), else as text."""
+    try:
+        for v in values:
+            float(v)
+    except ValueError:
+        return str
+    return float
+
+
+@DATASETS.register("image_folder")
+def image_folder(root: str, image_size: int | None = None, grayscale: bool | None = None) -> Splits:
+    """Images on disk, one sub-folder per class (torchvision ImageFolder), resized to image_size."""
+    import torchvision.datasets
+    import torchvision.transforms as T
+
+    if not Path(root).expanduser().is_dir():
+        raise DataError(f"no such folder: {root}", key="data.root")
+    size = 32 if image_size is None else image_size
+    if size < 1:
+        raise DataError(f"must be at least 1, got {size}", key="data.image_size")
+    transform = T.Compose([T.Resize((size, size))] + ([T.Grayscale(1)] if grayscale else []) + [T.ToTensor()])
+    try:
+        dataset = torchvision.datasets.ImageFolder(os.path.expanduser(root), transform=transform)
+    except FileNotFoundError as err:  # no class folders, or class folders without images
+        raise DataError(
+            f"{root} holds no images: it needs one sub-folder per class with image files "
+            f"(.png, .jpg, ...) in it ({err})",
+            key="data.root",
+        ) from None
+    return Splits(train=dataset, val=None, num_classes=len(dataset.classes))
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise DataError(f"must be at least 1, got {value}", key=f"data.{name}")
