@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -51,5 +53,9 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # a pickled payload, a truncated zip, not a checkpoint at all
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()  # torch's message carries terminal escapes
+        first = text.splitlines()[0] if text else type(err).__name__
+        if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in text:  # a refused global
+            found = re.search(r"GLOBAL ([\w.]+)", text)
+            first = "it holds pickled Python objects, not only tensors" + (f" ({found.group(1)})" if found else "")
         raise UsageError(f"checkpoint '{path}' cannot be loaded safely: {first}") from None

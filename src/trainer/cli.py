@@ -81,8 +81,12 @@ def run(
 
         cfg = _load(config, overrides)
         result = execute_run(cfg, run_dir=run_dir, root=runs_root, device=device, quiet=quiet)
-        # the one line a script can capture
-        print(result.run_dir)
+        if result.error:
+            err_console.print(f"error: {result.error}" if result.exit_code == EXIT_FAILED else result.error, markup=False)
+        # the last line on stdout is the run folder, for scripts, whatever the status
+        print(result.run_dir, flush=True)
+        if result.exit_code:
+            raise typer.Exit(result.exit_code)
 
     _guarded(action)
 

@@ -20,8 +20,9 @@ LOSSES = Registry("loss", plural="losses")
 OPTIMIZERS = Registry("optimizer")
 SCHEDULERS = Registry("scheduler")
 
-# they need a Python callable or other schedulers as arguments, which a YAML file cannot hold
-_NOT_CONFIGURABLE = {"LBFGS", "LambdaLR", "MultiplicativeLR", "SequentialLR", "ChainedScheduler"}
+# they need a Python callable or other schedulers as arguments, which a YAML file cannot hold, or (a loss
+# with its own Linear layer) parameters the optimizer, built from the model's, would never train
+_NOT_CONFIGURABLE = {"LBFGS", "LambdaLR", "MultiplicativeLR", "SequentialLR", "ChainedScheduler", "LinearCrossEntropyLoss"}
 # schedulers that move the learning rate every batch rather than every epoch
 PER_STEP_SCHEDULERS = {"one_cycle", "cyclic"}
 # the arguments the runner fills in itself (the optimizer it steps, the schedule's length)
@@ -47,7 +48,7 @@ def _register_losses() -> None:
     for cls_name, cls in sorted(vars(nn.modules.loss).items()):
         if not (inspect.isclass(cls) and issubclass(cls, nn.modules.loss._Loss)) or cls_name.startswith("_"):
             continue
-        if not cls_name.endswith("Loss"):
+        if not cls_name.endswith("Loss") or cls_name in _NOT_CONFIGURABLE:
             continue
         LOSSES.add(snake_case(cls_name[: -len("Loss")]), cls, description=_first_doc_line(cls, cls_name))
 
@@ -91,8 +92,8 @@ def scheduler_interval(name: str) -> str:
 def schedule_length_kwargs(name: str, given: dict[str, Any], *, interval: str, epochs: int, total_steps: int) -> dict[str, Any]:
     """Arguments that fix a schedule's length, filled from the training budget when left out.
 
-    cosine_annealing's T_max, one_cycle's total_steps and polynomial/linear's total_iters are the
-    number of scheduler steps: epochs for a per-epoch scheduler, optimizer steps for a per-step one.
+    cosine_annealing's T_max, one_cycle's total_steps and polynomial's total_iters are the
+    number of scheduler steps (linear keeps torch's default: it is mostly a warm-up of a few steps): epochs for a per-epoch scheduler, optimizer steps for a per-step one.
     """
     canonical = SCHEDULERS.get(name).name
     length = total_steps if interval == "step" else epochs

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer import __version__
-from trainer.errors import UsageError
+from trainer.errors import TrainingFailed, UsageError
 
 RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "env.json")
 
@@ -108,6 +108,8 @@ class RunResult:
     status: str  # completed | failed | interrupted
     run_dir: Path
     summary: dict[str, Any]
+    error: str | None = None  # what stopped a failed or interrupted run
+    exit_code: int = 0  # 0 completed, 1 failed while training, 130 SIGINT, 143 SIGTERM
 
 
 def _raise_stopped(signum: int, frame: Any) -> None:
@@ -123,7 +125,12 @@ def execute_run(
     quiet: bool = False,
     console: Any = None,
 ) -> RunResult:
-    """Build and train one config, writing its run folder; failures are recorded in summary.json and re-raised."""
+    """Build and train one config, writing its run folder.
+
+    Bad input raises UsageError before the folder exists. Once training starts, a failure
+    (TrainingFailed), SIGINT or SIGTERM is recorded in summary.json and returned, not raised;
+    any other exception is recorded and re-raised.
+    """
     from trainer.build import build_run, check_one_batch
     from trainer.checkpoint import atomic_save
     from trainer.data import describe_data
@@ -139,7 +146,7 @@ def execute_run(
 
     settings = built.settings
     state = None
-    status, error = "failed", None
+    status, error, exit_code = "failed", None, 1
     started = time.perf_counter()
     previous = signal.signal(signal.SIGTERM, _raise_stopped)
     # an explicit --run-dir is not under a runs root, so the hint names the folder itself
@@ -182,15 +189,15 @@ def execute_run(
             precision=built.precision, scheduler=built.scheduler, tracker=tracker, state=state,
             on_epoch_end=save_checkpoints,
         )  # fmt: skip
-        status = "completed"
+        status, exit_code = "completed", 0
     except KeyboardInterrupt:
-        status, error = "interrupted", "SIGINT"
-        raise
+        status, error, exit_code = "interrupted", "stopped by SIGINT", 128 + signal.SIGINT
     except Stopped as err:
-        status, error = "interrupted", str(err)
-        raise
-    except Exception as err:
+        status, error, exit_code = "interrupted", f"stopped by {err}", err.exit_code
+    except TrainingFailed as err:
         status, error = "failed", str(err)
+    except Exception as err:
+        error = f"{type(err).__name__}: {err}"
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -204,7 +211,7 @@ def execute_run(
             steps=summary["steps"], epochs=summary["epochs"], seconds=seconds,
         )  # fmt: skip
         tracker.close()
-    return RunResult(status, folder, summary)
+    return RunResult(status, folder, summary, error, exit_code)
 
 
 def _summary(status: str, error: str | None, state: Any, seconds: float, built: Any) -> dict[str, Any]:

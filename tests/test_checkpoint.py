@@ -1,0 +1,165 @@
+"""Tests for trainer.checkpoint: atomic save and safe (weights_only) load."""
+
+import pathlib
+
+import pytest
+import torch
+from torch import nn
+
+from trainer.checkpoint import atomic_save, load_checkpoint
+from trainer.errors import UsageError
+
+
+class TouchOnLoad:
+    """Unpickling this creates a file: what a malicious checkpoint would do."""
+
+    def __init__(self, target: pathlib.Path) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.target,))
+
+
+def training_state() -> dict:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": 3,
+        "step": 120,
+        "best": 0.25,
+        "name": "lenet-digits",
+        "history": [1.0, 0.5],
+    }
+
+
+def files_in(folder: pathlib.Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_round_trip_of_a_training_state(tmp_path):
+    state = training_state()
+    path = tmp_path / "last.pt"
+    atomic_save(state, path)
+    loaded = load_checkpoint(path)
+    assert loaded.keys() == state.keys()
+    for key in ("epoch", "step", "best", "name", "history"):
+        assert loaded[key] == state[key]
+    for key, tensor in state["model"].items():
+        assert torch.equal(loaded["model"][key], tensor)
+    model = nn.Linear(3, 2)
+    model.load_state_dict(loaded["model"])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    optimizer.load_state_dict(loaded["optimizer"])
+    buf = optimizer.state_dict()["state"][0]["momentum_buffer"]
+    assert torch.equal(buf, state["optimizer"]["state"][0]["momentum_buffer"])
+
+
+def test_save_creates_missing_folders(tmp_path):
+    path = tmp_path / "run" / "checkpoints" / "best.pt"
+    atomic_save({"x": torch.ones(2)}, path)
+    assert torch.equal(load_checkpoint(path)["x"], torch.ones(2))
+    assert files_in(path.parent) == ["best.pt"]
+
+
+def test_overwriting_keeps_one_file_and_no_temporary(tmp_path):
+    path = tmp_path / "last.pt"
+    for step in range(3):
+        atomic_save({"step": step, "w": torch.full((2,), float(step))}, str(path))
+    assert files_in(tmp_path) == ["last.pt"]
+    loaded = load_checkpoint(path)
+    assert loaded["step"] == 2
+    assert torch.equal(loaded["w"], torch.full((2,), 2.0))
+
+
+@pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()], ids=["oserror", "interrupt"])
+def test_a_failed_save_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch, error):
+    path = tmp_path / "last.pt"
+    atomic_save({"step": 1}, path)
+    real_save = torch.save
+
+    def save_half_then_fail(obj, handle, *args, **kwargs):
+        handle.write(b"PK\x03\x04 half a checkpoint")
+        raise error
+
+    monkeypatch.setattr(torch, "save", save_half_then_fail)
+    with pytest.raises(type(error)):
+        atomic_save({"step": 2}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert files_in(tmp_path) == ["last.pt"]
+    assert load_checkpoint(path) == {"step": 1}
+
+
+def test_a_failed_first_save_leaves_nothing(tmp_path, monkeypatch):
+    def fail(obj, handle, *args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(torch, "save", fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        atomic_save({"step": 1}, tmp_path / "last.pt")
+    assert files_in(tmp_path) == []
+
+
+def test_the_payload_used_below_really_runs_when_unpickled(tmp_path):
+    # guards the next test: an unsafe torch.load of this file does create the marker
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "payload": TouchOnLoad(marker)}, path)
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+def test_a_pickled_payload_is_refused_and_not_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {"w": torch.ones(1)}, "payload": TouchOnLoad(marker)}, path)
+    with pytest.raises(UsageError) as info:
+        load_checkpoint(path)
+    assert str(path) in str(info.value)
+    assert not marker.exists()
+
+
+def test_a_refused_payload_message_says_why_in_one_plain_line(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"payload": TouchOnLoad(tmp_path / "pwned")}, path)
+    with pytest.raises(UsageError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert "pickled Python objects" in message
+    assert "\n" not in message and "\x1b" not in message  # no terminal escapes from torch's message
+
+
+def test_a_truncated_file_is_a_usage_error_naming_it(tmp_path):
+    path = tmp_path / "last.pt"
+    atomic_save(training_state(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UsageError) as info:
+        load_checkpoint(path)
+    assert str(path) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all"], ids=["empty", "text"])
+def test_a_file_that_is_not_a_checkpoint_is_a_usage_error(tmp_path, content):
+    path = tmp_path / "last.pt"
+    path.write_bytes(content)
+    with pytest.raises(UsageError, match="last.pt"):
+        load_checkpoint(path)
+
+
+def test_a_missing_file_is_a_usage_error(tmp_path):
+    path = tmp_path / "nope.pt"
+    with pytest.raises(UsageError) as info:
+        load_checkpoint(path)
+    assert str(path) in str(info.value)
+    assert "does not exist" in str(info.value)
+
+
+def test_a_folder_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(UsageError):
+        load_checkpoint(tmp_path)
