@@ -7,6 +7,7 @@ Also resolves what the config left to the data (model sizes, image size, a sched
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,12 +100,9 @@ def build_run(config: Config, *, device: str | None = None) -> Built:
             key="data.batch_size",
         )
     train = config.train
-    if train.epochs is not None:
-        epochs = train.epochs
-    elif train.max_steps is not None:
-        epochs = math.ceil(train.max_steps / steps_per_epoch)
-    else:
-        epochs = DEFAULT_EPOCHS
+    epochs = train.epochs or (DEFAULT_EPOCHS if train.max_steps is None else math.inf)
+    if train.max_steps is not None:  # both set: whichever limit comes first
+        epochs = min(epochs, math.ceil(train.max_steps / steps_per_epoch))
     total_steps = min(epochs * steps_per_epoch, train.max_steps or epochs * steps_per_epoch)
 
     # scheduler
@@ -112,6 +110,12 @@ def build_run(config: Config, *, device: str | None = None) -> Built:
     if config.scheduler is not None:
         sched = config.scheduler
         interval = sched.interval or scheduler_interval(sched.name)
+        if interval == "step" and SCHEDULERS.get(sched.name).name == "reduce_lr_on_plateau":
+            raise UsageError(
+                "reduce_lr_on_plateau steps with the validation loss, once per epoch; "
+                "leave out scheduler.interval or set it to epoch",
+                key="scheduler.interval",
+            )
         fills = schedule_length_kwargs(sched.name, sched.kwargs, interval=interval, epochs=epochs, total_steps=total_steps)
         for key, value in fills.items():
             setattr(resolved.scheduler, key, value)
@@ -158,10 +162,16 @@ def check_one_batch(built: Built) -> None:
     inputs, targets = next(iter(built.train_batches.epoch(0)))
     outputs = None
     try:
-        with built.precision.autocast():
-            outputs = built.model(inputs)
-            loss = built.loss_fn(outputs, targets)
-        loss.backward()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with built.precision.autocast():
+                outputs = built.model(inputs)
+                loss = built.loss_fn(outputs, targets)
+            loss.backward()
+        # torch only warns when a regression loss broadcasts (N, 1) against (N,): the result is wrong all the same
+        for warning in caught:
+            if "target size" in str(warning.message):
+                raise RuntimeError(str(warning.message).split(". ")[0])
     except (RuntimeError, ValueError, IndexError, TypeError) as err:
         raise UsageError(_mismatch_message(built, err, inputs, targets, outputs)) from None
     finally:

@@ -103,7 +103,7 @@ def validate(config: Path = ConfigArg, overrides: Optional[List[str]] = Override
         cfg = _load(config, overrides)
         built = build_run(cfg)
         check_one_batch(built)
-        out = Console(highlight=False)
+        out = Console(highlight=False, soft_wrap=True)
         out.print(f"{config}: valid", markup=False)
         out.print(
             f"  model {built.config.model.name} ({count_parameters(built.model):,} parameters) on {built.device}; "

@@ -207,6 +207,10 @@ class _LineMap:
             if dotted in self.lines:
                 return self.lines[dotted], None
             parts.pop()
+        # an override that created this section by setting a key inside it (seed.x=1 made `seed` a mapping)
+        for dotted, item in self.origin.items():
+            if key and dotted.startswith(key + "."):
+                return None, item
         return None, None
 
 
@@ -238,10 +242,21 @@ def _parse_yaml(text: str, source: str) -> tuple[Any, _LineMap]:
 # overrides
 
 
+_DELETE = object()  # the value of a `~key` override: remove the key
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """`optimizer.lr=0.1` -> (['optimizer', 'lr'], 0.1); the value is read as a YAML scalar."""
+    """`optimizer.lr=0.1` -> (['optimizer', 'lr'], 0.1); the value is read as a YAML scalar.
+
+    `~optimizer.momentum` removes a key (handy after switching optimizer.name=adam).
+    """
+    if item.startswith("~") and "=" not in item:
+        parts = item[1:].split(".")
+        if any(not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", p) for p in parts):
+            raise ValueError(f"'{item[1:]}' is not a dotted key such as optimizer.momentum")
+        return parts, _DELETE
     if "=" not in item:
-        raise ValueError("expected KEY=VALUE, such as optimizer.lr=0.1")
+        raise ValueError("expected KEY=VALUE, such as optimizer.lr=0.1 (or ~KEY to remove a key)")
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key:
@@ -277,7 +292,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], lines: _LineMap)
                 break
             node = child
         else:
-            node[parts[-1]] = value
+            if value is _DELETE:
+                if parts[-1] not in node:
+                    problems.append(Problem(".".join(parts), "cannot remove it: the config has no such key", override=item))
+                    continue
+                del node[parts[-1]]
+            else:
+                node[parts[-1]] = value
             lines.origin[".".join(parts)] = item
     return problems
 
@@ -315,7 +336,7 @@ def config_from_dict(
     data = _copy(data)
     problems = apply_overrides(data, overrides or [], lines)
     problems += _schema_problems(data)
-    problems += _component_problems(data)
+    problems += _component_problems(data, renamed={k.split(".")[0] for k in lines.origin if k.endswith(".name")})
     for problem in problems:
         if problem.override is None and problem.line is None:
             problem.line, problem.override = lines.where(problem.key)
@@ -383,8 +404,11 @@ def _problem_from_pydantic(error: dict[str, Any], data: dict[str, Any]) -> Probl
     return Problem(key, f"{message}; got {error.get('input')!r}")
 
 
-def _component_problems(data: dict[str, Any]) -> list[Problem]:
-    """Unknown component names, and constructor arguments a component does not take or lacks."""
+def _component_problems(data: dict[str, Any], renamed: set[str] = frozenset()) -> list[Problem]:
+    """Unknown component names, and constructor arguments a component does not take or lacks.
+
+    `renamed`: sections whose name an override changed; their leftover arguments get a `~key` hint.
+    """
     problems: list[Problem] = []
     regs = None
     for section, own_keys in _SECTION_OWN_KEYS.items():
@@ -399,7 +423,10 @@ def _component_problems(data: dict[str, Any]) -> list[Problem]:
             continue
         kwargs = {k: v for k, v in body.items() if k != "name" and k not in own_keys}
         coerced, arg_problems = registry.check_kwargs(name, kwargs)
-        problems += [Problem(f"{section}.{arg}", message) for arg, message in arg_problems]
+        hint = "; remove it with ~{section}.{arg}" if section in renamed else ""
+        problems += [
+            Problem(f"{section}.{arg}", message + hint.format(section=section, arg=arg)) for arg, message in arg_problems
+        ]
         body.update(coerced)  # `lr: 3e-4` arrives as a string; store the number
         entry = registry.get(name)
         filled_by_runner = _runner_filled(section, name)

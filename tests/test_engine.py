@@ -1,0 +1,253 @@
+"""The training loop: fit, train_epoch, evaluate, in process on small data made here."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from trainer.data import TensorBatches
+from trainer.device import resolve_precision
+from trainer.engine import LoopSettings, TrainState, evaluate, fit, seed_everything, update_best
+from trainer.errors import TrainingFailed
+
+FP32 = resolve_precision("fp32", torch.device("cpu"))
+
+
+class Recorder:
+    """A tracker that remembers every call, to check what the loop reports and when."""
+
+    def __init__(self) -> None:
+        self.train: list[dict] = []
+        self.val: list[dict] = []
+        self.epochs: list[dict] = []
+
+    def epoch_started(self, **kwargs) -> None:
+        pass
+
+    def log_train(self, **kwargs) -> None:
+        self.train.append(kwargs)
+
+    def log_val(self, **kwargs) -> None:
+        self.val.append(kwargs)
+
+    def epoch_finished(self, **kwargs) -> None:
+        self.epochs.append(kwargs)
+
+
+def regression_data(n=40, features=3, seed=0, batch_size=8, shuffle=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=g)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5]]) + 0.1
+    return TensorBatches(x, y, batch_size=batch_size, shuffle=shuffle, seed=seed)
+
+
+def classification_data(n=60, seed=0, batch_size=10):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, generator=g)
+    y = (x[:, 0] > 0).long()
+    return TensorBatches(x, y, batch_size=batch_size, shuffle=True, seed=seed)
+
+
+def test_fit_learns_a_linear_map_and_counts_steps():
+    seed_everything(0)
+    model = nn.Linear(3, 1)
+    batches = regression_data()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = Recorder()
+    state = fit(model, batches, None, nn.MSELoss(), optimizer, LoopSettings(epochs=30, log_every=5), precision=FP32, tracker=tracker)
+    assert state.step == 30 * len(batches) == 150 and state.epoch == 30
+    assert state.train_loss < 1e-4
+    assert torch.allclose(model.weight, torch.tensor([[1.0, -2.0, 0.5]]), atol=1e-2)
+    # a train point every 5 steps, nothing between
+    assert [t["step"] for t in tracker.train] == list(range(5, 151, 5))
+    assert len(tracker.epochs) == 30 and tracker.val == []
+
+
+def test_logged_loss_is_the_mean_over_the_window():
+    # one batch per step with a constant model: every step's loss is known in advance
+    model = nn.Linear(1, 1)
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.zero_()
+    x = torch.zeros(6, 1)
+    y = torch.arange(6, dtype=torch.float32).unsqueeze(1)  # squared error per batch = y^2
+    batches = TensorBatches(x, y, batch_size=1, shuffle=False, seed=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the losses stay put
+    tracker = Recorder()
+    fit(model, batches, None, nn.MSELoss(), optimizer, LoopSettings(epochs=1, log_every=4), precision=FP32, tracker=tracker)
+    assert [t["step"] for t in tracker.train] == [4, 6]  # every 4 steps, and the last step
+    assert tracker.train[0]["loss"] == pytest.approx((0 + 1 + 4 + 9) / 4)
+    assert tracker.train[1]["loss"] == pytest.approx((16 + 25) / 2)
+    assert tracker.epochs[0]["train_loss"] == pytest.approx(sum(v * v for v in range(6)) / 6)
+
+
+def test_max_steps_stops_mid_epoch_and_logs_the_last_step():
+    model = nn.Linear(3, 1)
+    batches = regression_data()  # 5 batches per epoch
+    tracker = Recorder()
+    state = fit(
+        model, batches, None, nn.MSELoss(), torch.optim.SGD(model.parameters(), lr=0.01),
+        LoopSettings(epochs=100, max_steps=12, log_every=5), precision=FP32, tracker=tracker,
+    )  # fmt: skip
+    assert state.step == 12 and state.epoch == 3
+    assert [t["step"] for t in tracker.train] == [5, 10, 12]
+
+
+def test_one_sgd_step_is_w_minus_lr_grad():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    x, y = torch.randn(4, 3), torch.randn(4, 1)
+    before = copy.deepcopy(model)
+    loss = nn.functional.mse_loss(before(x), y)
+    grads = torch.autograd.grad(loss, list(before.parameters()))
+    expected = [p.detach() - 0.1 * g for p, g in zip(before.parameters(), grads)]
+    fit(
+        model, TensorBatches(x, y, batch_size=4, shuffle=False, seed=0), None, nn.MSELoss(),
+        torch.optim.SGD(model.parameters(), lr=0.1), LoopSettings(epochs=1), precision=FP32,
+    )  # fmt: skip
+    for got, want in zip(model.parameters(), expected):
+        assert torch.allclose(got, want, atol=0, rtol=1e-6)
+
+
+def test_validation_accuracy_and_best_metrics():
+    seed_everything(0)
+    model = nn.Linear(2, 2)
+    tracker = Recorder()
+    improved = []
+    state = fit(
+        model, classification_data(), classification_data(seed=1), nn.CrossEntropyLoss(),
+        torch.optim.SGD(model.parameters(), lr=0.5), LoopSettings(epochs=5, log_every=3, classification=True),
+        precision=FP32, tracker=tracker, on_epoch_end=lambda s, better: improved.append(better),
+    )  # fmt: skip
+    assert [v["step"] for v in tracker.val] == [6, 12, 18, 24, 30]
+    assert state.val["accuracy"] >= 0.9
+    assert state.best["val_accuracy"] == max(v["metrics"]["accuracy"] for v in tracker.val)
+    assert state.best["val_loss"] == min(v["metrics"]["loss"] for v in tracker.val)
+    assert improved[0] is True and len(improved) == 5
+    assert len(state.history) == 5 and state.history[-1]["step"] == 30
+
+
+def test_evaluate_matches_a_hand_computation():
+    model = nn.Linear(2, 2)
+    data = classification_data(n=25, batch_size=10)  # batches of 10, 10, 5: weights matter
+    metrics = evaluate(model, data, nn.CrossEntropyLoss(), precision=FP32, classification=True)
+    with torch.no_grad():
+        outputs = model(data.x)
+        assert metrics["loss"] == pytest.approx(nn.functional.cross_entropy(outputs, data.y).item(), rel=1e-5)
+        assert metrics["accuracy"] == pytest.approx((outputs.argmax(1) == data.y).float().mean().item())
+    assert model.training is False
+
+
+def test_non_finite_loss_stops_the_run_naming_the_step():
+    model = nn.Linear(3, 1)
+    with pytest.raises(TrainingFailed, match=r"step \d+.*grad_clip"):
+        fit(
+            model, regression_data(), None, nn.MSELoss(), torch.optim.SGD(model.parameters(), lr=1e5),
+            LoopSettings(epochs=20, log_every=1), precision=FP32,
+        )  # fmt: skip
+
+
+def test_grad_clip_bounds_the_update():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    start = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.randn(8, 3), torch.full((8, 1), 1000.0)  # a huge gradient
+    fit(
+        model, TensorBatches(x, y, batch_size=8, shuffle=False, seed=0), None, nn.MSELoss(),
+        torch.optim.SGD(model.parameters(), lr=1.0), LoopSettings(epochs=1, grad_clip=0.5), precision=FP32,
+    )  # fmt: skip
+    moved = torch.sqrt(sum(((p.detach() - s) ** 2).sum() for p, s in zip(model.parameters(), start)))
+    assert moved.item() == pytest.approx(0.5, rel=1e-4)  # lr 1 times the clipped norm
+
+
+def test_schedulers_step_per_epoch_or_per_step():
+    def lrs_after(interval, scheduler_factory, epochs=3):
+        model = nn.Linear(3, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        scheduler = scheduler_factory(optimizer)
+        fit(
+            model, regression_data(), None, nn.MSELoss(), optimizer,
+            LoopSettings(epochs=epochs, scheduler_interval=interval), precision=FP32, scheduler=scheduler,
+        )  # fmt: skip
+        return optimizer.param_groups[0]["lr"]
+
+    # 3 epochs of 5 steps each
+    assert lrs_after("epoch", lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5)) == pytest.approx(0.125)
+    assert lrs_after("step", lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5)) == pytest.approx(0.5**15)
+
+
+def test_plateau_scheduler_steps_with_the_validation_loss():
+    class Recording(torch.optim.lr_scheduler.ReduceLROnPlateau):
+        def step(self, metrics, epoch=None):
+            seen.append(metrics)
+            super().step(metrics)
+
+    seen: list[float] = []
+    model = nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    tracker = Recorder()
+    fit(
+        model, regression_data(), regression_data(seed=1), nn.MSELoss(), optimizer,
+        LoopSettings(epochs=4), precision=FP32, scheduler=Recording(optimizer), tracker=tracker,
+    )  # fmt: skip
+    assert seen == [v["metrics"]["loss"] for v in tracker.val] and len(seen) == 4
+
+
+def test_same_seed_same_run_different_seed_different_run():
+    def final_weights(seed):
+        seed_everything(seed)
+        model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Dropout(0.2), nn.Linear(8, 1))
+        fit(
+            model, regression_data(seed=seed), None, nn.MSELoss(), torch.optim.SGD(model.parameters(), lr=0.05),
+            LoopSettings(epochs=3), precision=FP32,
+        )  # fmt: skip
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    assert torch.equal(final_weights(1), final_weights(1))
+    assert not torch.equal(final_weights(1), final_weights(2))
+
+
+def test_bf16_autocast_trains_on_cpu():
+    seed_everything(0)
+    model = nn.Linear(3, 1)
+    state = fit(
+        model, regression_data(), None, nn.MSELoss(), torch.optim.SGD(model.parameters(), lr=0.1),
+        LoopSettings(epochs=20), precision=resolve_precision("bf16", torch.device("cpu")),
+    )  # fmt: skip
+    assert state.train_loss < 0.05 and model.weight.dtype == torch.float32  # weights stay fp32
+
+
+def test_host_syncs_scale_with_log_points_not_steps(monkeypatch):
+    calls = {"item": 0}
+    real_item = torch.Tensor.item
+
+    def counting_item(self):
+        calls["item"] += 1
+        return real_item(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", counting_item)
+    model = nn.Linear(3, 1)
+    batches = TensorBatches(torch.randn(400, 3), torch.randn(400, 1), batch_size=4, shuffle=True, seed=0)
+    fit(
+        model, batches, None, nn.MSELoss(), torch.optim.SGD(model.parameters(), lr=0.01),
+        LoopSettings(epochs=1, log_every=25), precision=FP32,
+    )  # fmt: skip
+    # 100 steps, 4 log points, one epoch-mean read
+    assert calls["item"] == 4 + 1
+
+
+def test_update_best():
+    best: dict[str, float] = {}
+    assert update_best(best, {"val_loss": 1.0, "val_accuracy": 0.5}) == {"val_loss", "val_accuracy"}
+    assert update_best(best, {"val_loss": 2.0, "val_accuracy": 0.7}) == {"val_accuracy"}
+    assert best == {"val_loss": 1.0, "val_accuracy": 0.7}
+    assert not update_best(best, {"val_loss": math.nan})
+
+
+def test_train_state_starts_empty():
+    state = TrainState()
+    assert state.step == state.epoch == 0 and state.best == {}
