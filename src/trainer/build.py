@@ -103,7 +103,6 @@ def build_run(config: Config, *, device: str | None = None) -> Built:
     epochs = train.epochs or (DEFAULT_EPOCHS if train.max_steps is None else math.inf)
     if train.max_steps is not None:  # both set: whichever limit comes first
         epochs = min(epochs, math.ceil(train.max_steps / steps_per_epoch))
-    total_steps = min(epochs * steps_per_epoch, train.max_steps or epochs * steps_per_epoch)
 
     # scheduler
     scheduler, interval = None, "epoch"
@@ -116,6 +115,7 @@ def build_run(config: Config, *, device: str | None = None) -> Built:
                 "leave out scheduler.interval or set it to epoch",
                 key="scheduler.interval",
             )
+        total_steps = LoopSettings(epochs=epochs, max_steps=train.max_steps).last_step(steps_per_epoch)
         fills = schedule_length_kwargs(sched.name, sched.kwargs, interval=interval, epochs=epochs, total_steps=total_steps)
         for key, value in fills.items():
             setattr(resolved.scheduler, key, value)

@@ -45,6 +45,21 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def training_state(built: Any, state: Any) -> dict[str, Any]:
+    """What a checkpoint holds: plain state dicts and numbers, loadable with weights_only=True."""
+    from trainer import __version__
+
+    return {
+        "model": built.model.state_dict(),
+        "optimizer": built.optimizer.state_dict(),
+        "scheduler": built.scheduler.state_dict() if built.scheduler is not None else None,
+        "step": state.step,
+        "epoch": state.epoch,
+        "config": built.config.model_dump(mode="json"),
+        "versions": {"trainer": __version__, "torch": torch.__version__},
+    }
+
+
 def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
     """Load a checkpoint with `weights_only=True`: tensors and plain containers only, nothing executed."""
     path = Path(path)

@@ -68,6 +68,11 @@ class LoopSettings:
     classification: bool = False
     scheduler_interval: str = "epoch"  # 'epoch' | 'step'
 
+    def last_step(self, steps_per_epoch: int) -> int:
+        """The optimizer step the run ends on: the epochs' worth, or max_steps if that comes first."""
+        steps = self.epochs * steps_per_epoch
+        return steps if self.max_steps is None else min(steps, self.max_steps)
+
 
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all devices) so a run repeats exactly."""
@@ -237,9 +242,7 @@ def fit(
     """
     state = state or TrainState()
     scaler = precision.grad_scaler()
-    last_step = settings.epochs * len(train_batches)
-    if settings.max_steps is not None:
-        last_step = min(last_step, settings.max_steps)
+    last_step = settings.last_step(len(train_batches))
     window = LogWindow(next(model.parameters()).device, state.step + 1)
     while state.epoch < settings.epochs and state.step < last_step:
         started = time.perf_counter()

@@ -132,9 +132,9 @@ def execute_run(
     any other exception is recorded and re-raised.
     """
     from trainer.build import build_run, check_one_batch
-    from trainer.checkpoint import atomic_save
+    from trainer.checkpoint import atomic_save, training_state
     from trainer.data import describe_data
-    from trainer.engine import fit
+    from trainer.engine import TrainState, fit
     from trainer.models import count_parameters
     from trainer.tracking import Tracker
 
@@ -145,7 +145,7 @@ def execute_run(
     write_json(folder / "env.json", environment(str(built.device), built.device_reason))
 
     settings = built.settings
-    state = None
+    state = TrainState()
     status, error, exit_code = "failed", None, 1
     started = time.perf_counter()
     previous = signal.signal(signal.SIGTERM, _raise_stopped)
@@ -163,27 +163,16 @@ def execute_run(
             data=f"{built.config.data.name}: {describe_data(built.info)}",
             epochs=settings.epochs,
             steps_per_epoch=len(built.train_batches),
-            total_steps=min(settings.epochs * len(built.train_batches), settings.max_steps or 10**18),
+            total_steps=settings.last_step(len(built.train_batches)),
             batch_size=built.config.data.batch_size,
         )
 
-        def save_checkpoints(state: Any, improved: bool) -> None:
-            payload = {
-                "model": built.model.state_dict(),
-                "optimizer": built.optimizer.state_dict(),
-                "scheduler": built.scheduler.state_dict() if built.scheduler is not None else None,
-                "step": state.step,
-                "epoch": state.epoch,
-                "config": built.config.model_dump(mode="json"),
-                "versions": {"trainer": __version__},
-            }
+        def save_checkpoints(state: TrainState, improved: bool) -> None:
+            payload = training_state(built, state)
             atomic_save(payload, folder / "checkpoints" / "last.pt")
             if improved:
                 atomic_save(payload, folder / "checkpoints" / "best.pt")
 
-        from trainer.engine import TrainState
-
-        state = TrainState()
         fit(
             built.model, built.train_batches, built.val_batches, built.loss_fn, built.optimizer, settings,
             precision=built.precision, scheduler=built.scheduler, tracker=tracker, state=state,
@@ -215,18 +204,15 @@ def execute_run(
 
 
 def _summary(status: str, error: str | None, state: Any, seconds: float, built: Any) -> dict[str, Any]:
-    final: dict[str, float] = {}
-    if state is not None:
-        if state.train_loss is not None:
-            final["train_loss"] = state.train_loss
-        final.update({f"val_{k}": v for k, v in state.val.items()})
+    final = {} if state.train_loss is None else {"train_loss": state.train_loss}
+    final.update({f"val_{k}": v for k, v in state.val.items()})
     return {
         "status": status,
         "error": error,
         "final": final,
-        "best": dict(state.best) if state is not None else {},
-        "steps": state.step if state is not None else 0,
-        "epochs": state.epoch if state is not None else 0,
+        "best": dict(state.best),
+        "steps": state.step,
+        "epochs": state.epoch,
         "wall_time_s": round(seconds, 3),
         "device": str(built.device),
     }
