@@ -42,14 +42,53 @@ class Built:
     settings: LoopSettings
 
 
-def _component(kind: str, build: Any) -> Any:
-    # constructors may still refuse a value the signature allowed (lr=-1, betas out of range)
+# what torch's constructors call an argument in their messages, when it is not the argument's name
+_ARGUMENT_WORDS = {"learning rate": "lr", "beta": "betas", "epsilon": "eps", "momentum": "momentum"}
+
+
+def _refusal(kind: str, name: str, kwargs: dict[str, Any], err: Exception) -> tuple[str, str]:
+    """(dotted key, message) for a constructor that refused its arguments (lr=-1, betas out of range)."""
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    lowered = text.lower()
+    named = [arg for arg in kwargs if arg.lower() in lowered]
+    named += [arg for word, arg in _ARGUMENT_WORDS.items() if word in lowered and arg in kwargs and arg not in named]
+    key = f"{kind}.{named[0]}" if len(named) == 1 else kind
+    given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "its defaults"
+    return key, f"{name}() refused {given}: {text}"
+
+
+def constructor_problem(section: str, name: str, kwargs: dict[str, Any]) -> tuple[str, str] | None:
+    """Build a loss, optimizer, scheduler or model on stand-ins, so that values its constructor refuses
+    (a negative lr, betas out of range, a negative layer size) are reported with the other config problems.
+
+    Returns (dotted key, message), or None when the constructor accepts the arguments.
+    """
+    probe = nn.Parameter(torch.zeros(2, 2))  # 2-D: some optimizers (muon) only take matrices
+    try:
+        if section == "loss":
+            LOSSES.build(name, **kwargs)
+        elif section == "optimizer":
+            OPTIMIZERS.build(name, [probe], **kwargs)
+        elif section == "scheduler":
+            kwargs = {k: v for k, v in kwargs.items() if k != "interval"}
+            fills = schedule_length_kwargs(name, kwargs, interval="epoch", epochs=1, total_steps=1)
+            SCHEDULERS.build(name, torch.optim.SGD([probe], lr=0.1), **kwargs, **fills)
+        elif section == "model":
+            MODELS.build(name, **kwargs)
+    except (ValueError, TypeError, RuntimeError, KeyError, IndexError, ZeroDivisionError) as err:
+        return _refusal(section, name, kwargs, err)
+    return None
+
+
+def _component(kind: str, name: str, build: Any) -> Any:
+    # the config check already tried these constructors; sizes read off the data may still be refused
     try:
         return build()
     except RegistryError as err:
         raise UsageError(str(err), key=f"{kind}.{err.key}" if err.key else kind) from None
-    except (ValueError, TypeError) as err:
-        raise UsageError(f"{err}", key=kind) from None
+    except (ValueError, TypeError, RuntimeError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UsageError(f"{name}() refused its arguments: {first}", key=kind) from None
 
 
 def build_run(config: Config, *, device: str | None = None) -> Built:
@@ -80,15 +119,15 @@ def build_run(config: Config, *, device: str | None = None) -> Built:
     inferred = infer_model_kwargs(config.model.name, config.model.kwargs, info)
     for key, value in inferred.items():
         setattr(resolved.model, key, value)
-    model = _component("model", lambda: MODELS.build(config.model.name, **resolved.model.kwargs))
+    model = _component("model", config.model.name, lambda: MODELS.build(config.model.name, **resolved.model.kwargs))
     model = model.to(torch_device)
     train_batches = train_batches.to(torch_device)
     val_batches = val_batches.to(torch_device) if val_batches is not None else None
 
     # loss and optimizer
-    loss_fn = _component("loss", lambda: LOSSES.build(config.loss.name, **config.loss.kwargs))
+    loss_fn = _component("loss", config.loss.name, lambda: LOSSES.build(config.loss.name, **config.loss.kwargs))
     optimizer = _component(
-        "optimizer", lambda: OPTIMIZERS.build(config.optimizer.name, model.parameters(), **config.optimizer.kwargs)
+        "optimizer", config.optimizer.name, lambda: OPTIMIZERS.build(config.optimizer.name, model.parameters(), **config.optimizer.kwargs)
     )
 
     # the budget: epochs, or as many as max_steps needs
@@ -121,7 +160,7 @@ def build_run(config: Config, *, device: str | None = None) -> Built:
             setattr(resolved.scheduler, key, value)
         resolved.scheduler.interval = interval
         scheduler = _component(
-            "scheduler", lambda: SCHEDULERS.build(sched.name, optimizer, **{**sched.kwargs, **fills})
+            "scheduler", sched.name, lambda: SCHEDULERS.build(sched.name, optimizer, **{**sched.kwargs, **fills})
         )
 
     settings = LoopSettings(

@@ -6,6 +6,7 @@ torch is imported inside the commands, so `trainer --help` stays fast.
 
 from __future__ import annotations
 
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -47,12 +48,14 @@ def _guarded(action: Callable[[], None]) -> None:
         err_console.print("interrupted (SIGINT)")
         raise typer.Exit(130)
     except Exception as err:
-        from trainer.runs import Stopped
-
-        if isinstance(err, Stopped):
-            err_console.print(f"stopped by {err}")
-            raise typer.Exit(err.exit_code)
-        raise
+        # a bug in trainer, not in the input: one line, and the traceback only on request
+        if os.environ.get("TRAINER_DEBUG"):
+            raise
+        _fail(
+            f"internal error, a bug in trainer: {type(err).__name__}: {err}\n"
+            "  rerun with TRAINER_DEBUG=1 for the traceback, and please report it",
+            EXIT_FAILED,
+        )
 
 
 ConfigArg = typer.Argument(..., help="A YAML config file, e.g. configs/lenet.yaml", show_default=False)
@@ -129,6 +132,20 @@ def show_config(config: Path = ConfigArg, overrides: Optional[List[str]] = Overr
         cfg = _load(config, overrides)
         built = build_run(cfg)
         sys.stdout.write(built.config.to_yaml())
+
+    _guarded(action)
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of a config, for editor completion and inline errors."""
+
+    def action() -> None:
+        import json
+
+        from trainer.config import json_schema
+
+        sys.stdout.write(json.dumps(json_schema(), indent=2) + "\n")
 
     _guarded(action)
 

@@ -115,6 +115,25 @@ def dump_yaml(data: dict[str, Any]) -> str:
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
 
 
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of a config, with each component's `name` limited to what is registered.
+
+    For editors: a YAML language server validates and completes configs against it.
+    """
+    schema = Config.model_json_schema()
+    schema["title"] = "trainer config"
+    definitions = schema.get("$defs", {})
+    section_models = {
+        "model": ModelConfig, "data": DataConfig, "loss": LossConfig, "optimizer": OptimizerConfig, "scheduler": SchedulerConfig,
+    }  # fmt: skip
+    for section, registry in registries().items():
+        names = sorted({*registry.names(), *(a for n in registry.names() for a in registry.aliases_of(n))})
+        name_property = definitions[section_models[section].__name__]["properties"]["name"]
+        name_property["enum"] = names
+        name_property["description"] = f"a registered {registry.kind}: trainer list {registry.plural}"
+    return schema
+
+
 # sections whose `name` picks a factory from a registry, and keys in them that are the runner's own
 _SECTION_OWN_KEYS = {
     "model": set(),
@@ -430,11 +449,17 @@ def _component_problems(data: dict[str, Any], renamed: set[str] = frozenset()) -
         body.update(coerced)  # `lr: 3e-4` arrives as a string; store the number
         entry = registry.get(name)
         filled_by_runner = _runner_filled(section, name)
-        for missing in registry.missing_kwargs(name, kwargs):
-            if missing not in filled_by_runner:
-                problems.append(
-                    Problem(f"{section}.{missing}", f"{entry.name}() needs argument '{missing}'; add `{missing}: ...` under {section}")
-                )
+        missing = [m for m in registry.missing_kwargs(name, kwargs) if m not in filled_by_runner]
+        for arg in missing:
+            problems.append(
+                Problem(f"{section}.{arg}", f"{entry.name}() needs argument '{arg}'; add `{arg}: ...` under {section}")
+            )
+        if not arg_problems and not missing:
+            from trainer.build import constructor_problem
+
+            refused = constructor_problem(section, name, coerced)
+            if refused is not None:
+                problems.append(Problem(*refused))
     return problems
 
 

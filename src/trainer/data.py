@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from trainer.errors import DataError
 from trainer.registry import Registry, RegistryError, close_match
 
-DATASETS = Registry("dataset")
+DATASETS = Registry("dataset", entry_point_group="trainer.datasets")
 
 Data = tuple[Tensor, Tensor] | Dataset
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from trainer.registry import Registry
 
-MODELS = Registry("model")
+MODELS = Registry("model", entry_point_group="trainer.models")
 
 # the argument names the runner fills in from the data when the config does not give them
 INFERABLE = ("in_features", "out_features", "in_channels", "num_classes")

@@ -67,13 +67,41 @@ class Entry:
 
 
 class Registry:
-    """Name -> factory for one kind of component (`kind` is used in messages: 'model', ...)."""
+    """Name -> factory for one kind of component (`kind` is used in messages: 'model', ...).
 
-    def __init__(self, kind: str, plural: str | None = None) -> None:
+    With `entry_point_group`, installed packages add entries through Python entry points, e.g. in
+    their pyproject.toml: `[project.entry-points."trainer.models"] my_net = "my_pkg.models:my_net"`.
+    The entry point's name is the registered name; `input_shape` and other info are read from
+    attributes of the factory. Plugins load on first use, never from a dotted path in a config.
+    """
+
+    def __init__(self, kind: str, plural: str | None = None, entry_point_group: str | None = None) -> None:
         self.kind = kind
         self.plural = plural or f"{kind}s"
+        self.entry_point_group = entry_point_group
         self._entries: dict[str, Entry] = {}
         self._aliases: dict[str, str] = {}
+        self._plugins_loaded = entry_point_group is None
+        self.plugin_errors: dict[str, str] = {}  # entry point name -> why it did not load
+
+    def _load_plugins(self) -> None:
+        if self._plugins_loaded:
+            return
+        self._plugins_loaded = True
+        from importlib.metadata import entry_points
+
+        for point in entry_points(group=self.entry_point_group):
+            if point.name in self._entries or point.name in self._aliases:
+                self.plugin_errors[point.name] = f"{self.kind} '{point.name}' is built in; the plugin {point.value} is ignored"
+                continue
+            try:
+                factory = point.load()
+                if point.name in self._entries:  # the plugin's module registered itself on import
+                    continue
+                info = {key: getattr(factory, key) for key in ("input_shape",) if hasattr(factory, key)}
+                self.add(point.name, factory, **info)
+            except Exception as err:  # a broken plugin must not break the built-ins
+                self.plugin_errors[point.name] = f"plugin {point.value} failed to load: {type(err).__name__}: {err}"
 
     def register(
         self,
@@ -124,15 +152,19 @@ class Registry:
             self._aliases[alias] = name
 
     def __contains__(self, name: object) -> bool:
+        self._load_plugins()
         return name in self._entries or name in self._aliases
 
     def __iter__(self) -> Iterator[Entry]:
+        self._load_plugins()
         return iter(sorted(self._entries.values(), key=lambda e: e.name))
 
     def __len__(self) -> int:
+        self._load_plugins()
         return len(self._entries)
 
     def names(self) -> list[str]:
+        self._load_plugins()
         return sorted(self._entries)
 
     def aliases_of(self, name: str) -> list[str]:
@@ -144,6 +176,7 @@ class Registry:
             raise RegistryError(
                 f"{self.kind} name must be a string, got {name!r}; choose one of: {', '.join(self.names())}"
             )
+        self._load_plugins()
         if name in self._aliases:
             name = self._aliases[name]
         if name not in self._entries:
@@ -151,6 +184,9 @@ class Registry:
         return self._entries[name]
 
     def unknown_message(self, name: str) -> str:
+        self._load_plugins()
+        if name in self.plugin_errors:
+            return f"{self.kind} '{name}' is not available: {self.plugin_errors[name]}"
         guess = close_match(name, list(self._entries) + list(self._aliases))
         hint = f"did you mean '{guess}'? " if guess else ""
         return f"unknown {self.kind} '{name}'; {hint}(trainer list {self.plural})"
