@@ -127,7 +127,7 @@ def test_validation_accuracy_and_best_metrics():
     assert state.val["accuracy"] >= 0.9
     assert state.best["val_accuracy"] == max(v["metrics"]["accuracy"] for v in tracker.val)
     assert state.best["val_loss"] == min(v["metrics"]["loss"] for v in tracker.val)
-    assert improved[0] is True and len(improved) == 5
+    assert improved[0] == {"train_loss", "val_loss", "val_accuracy"} and len(improved) == 5
     assert len(state.history) == 5 and state.history[-1]["step"] == 30
 
 

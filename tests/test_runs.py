@@ -89,3 +89,208 @@ def test_a_signal_stops_the_run_cleanly(tmp_path, signum, code):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["steps"] > 0
     assert stdout.strip().splitlines()[-1] == str(run_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# resume: a run stopped after step k and resumed in a new process equals the uninterrupted run
+
+
+def _flat_tensors(value, prefix=""):
+    """Every tensor in a nested state dict, by path."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return {prefix: value}
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else []
+    out = {}
+    for key, inner in items:
+        out.update(_flat_tensors(inner, f"{prefix}/{key}"))
+    return out
+
+
+def _logged(folder: Path) -> list[tuple]:
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["split"], r["loss"], r.get("accuracy"), r.get("lr")) for r in rows]
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    import torch
+
+    last_a = torch.load(a / "checkpoints" / "last.pt", weights_only=True)
+    last_b = torch.load(b / "checkpoints" / "last.pt", weights_only=True)
+    for part in ("model", "optimizer", "scheduler"):
+        flat_a, flat_b = _flat_tensors(last_a[part] or {}), _flat_tensors(last_b[part] or {})
+        assert flat_a.keys() == flat_b.keys()
+        for key in flat_a:
+            assert torch.equal(flat_a[key], flat_b[key]), (part, key)
+    assert last_a["scheduler"] == last_b["scheduler"] or last_a["scheduler"] is not None
+    assert _logged(a) == _logged(b)  # losses, accuracies and learning rates, bit for bit, no duplicates
+    summary_a = json.loads((a / "summary.json").read_text())
+    summary_b = json.loads((b / "summary.json").read_text())
+    assert summary_a["final"] == summary_b["final"] and summary_a["steps"] == summary_b["steps"]
+
+
+def _exactness_config(tmp_path: Path, data_path: str, scheduler: bool) -> Path:
+    import yaml
+
+    from datafiles import make_image_folder
+
+    if data_path == "memory":  # 72 train samples in batches of 16: 5 steps per epoch, the last partial
+        data = {"name": "random", "size": 96, "input_shape": [4], "target_shape": [2], "batch_size": 16, "val_fraction": 0.25}
+        loss = {"name": "mse"}
+    else:  # the DataLoader path: 30 training images in batches of 8, 4 steps per epoch
+        root = make_image_folder(tmp_path / "images", per_class=20)
+        data = {"name": "image_folder", "root": str(root), "image_size": 8, "grayscale": True, "batch_size": 8, "val_fraction": 0.25}
+        loss = {"name": "cross_entropy"}
+    config = {
+        "name": "exact",
+        "model": {"name": "mlp", "hidden": 16, "dropout": 0.3},  # dropout: the torch RNG matters
+        "data": data,
+        "loss": loss,
+        "optimizer": {"name": "adamw", "lr": 0.01},
+        "train": {"epochs": 3, "log_every": 2},
+    }
+    if scheduler:
+        config["scheduler"] = {"name": "one_cycle", "max_lr": 0.05}  # steps every batch
+    path = tmp_path / "exact.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize("scheduler", [False, True], ids=["no-scheduler", "one-cycle"])
+@pytest.mark.parametrize("data_path,steps_per_epoch", [("memory", 5), ("dataloader", 4)])
+def test_resume_is_bit_exact(cli, tmp_path, data_path, steps_per_epoch, scheduler):
+    config = _exactness_config(tmp_path, data_path, scheduler)
+    full = cli("run", config, "--run-dir", tmp_path / "full", "-q")
+    assert full.code == 0, full.output
+    # k in the middle of epoch 2, and at the end of epoch 1
+    for k in (steps_per_epoch + 2, steps_per_epoch):
+        folder = tmp_path / f"stopped-at-{k}"
+        stopped = cli("run", config, "--run-dir", folder, "-q", env={"TRAINER_STOP_AT_STEP": str(k)})
+        assert stopped.code == 143, stopped.output
+        assert json.loads((folder / "summary.json").read_text())["steps"] == k
+        resumed = cli("resume", folder, "-q")
+        assert resumed.code == 0, resumed.output
+        _assert_same_run(tmp_path / "full", folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# signals, NaN, corrupt and malicious checkpoints, a folder that cannot be written
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_mid_epoch_saves_and_resume_completes(cli, tmp_path, signum, code):
+    proc, run_dir = _start_long_run(tmp_path)
+    os.kill(proc.pid, signum)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == code
+    assert "trainer resume" in stdout + stderr  # the console says how to resume
+    saved = torch_load(run_dir / "checkpoints" / "last.pt")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert saved["train_state"]["step"] == summary["steps"]  # the checkpoint is the step it stopped after
+    resumed = cli("resume", run_dir, "train.epochs=4", "-q")
+    assert resumed.code == 0, resumed.output
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+
+
+def torch_load(path: Path):
+    import torch
+
+    return torch.load(path, weights_only=True)
+
+
+def test_nan_at_step_k_fails_and_keeps_the_pre_nan_checkpoint(cli, tmp_path, write_config):
+    # row 6 of the data is NaN and the data is not shuffled: step 7 (batch size 1) sees it
+    x = [[float(i)] for i in range(10)]
+    x[6] = [float("nan")]
+    config = write_config(
+        {
+            "model": {"name": "linear_regression"},
+            "data": {"name": "tensors", "x": x, "y": [[2.0 * i] for i in range(10)], "batch_size": 1,
+                     "val_fraction": 0, "shuffle": False},
+            "loss": {"name": "mse"},
+            "optimizer": {"name": "sgd", "lr": 0.001},
+            "train": {"epochs": 2, "log_every": 100, "checkpoint_every": 3},
+        }
+    )  # fmt: skip
+    result = cli("run", config, "--run-dir", tmp_path / "nan")
+    assert result.code == 1, result.output
+    assert "step 7" in result.stderr and "grad_clip" in result.stderr
+    last = torch_load(tmp_path / "nan" / "checkpoints" / "last.pt")
+    assert last["train_state"]["step"] == 6  # the save at step 9 was refused
+    assert all(bool(v.isfinite().all()) for v in last["model"].values())
+    assert json.loads((tmp_path / "nan" / "summary.json").read_text())["status"] == "failed"
+
+
+def test_malicious_checkpoint_is_refused_and_nothing_runs(cli, tmp_path, write_config, tiny):
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    bad = tmp_path / "evil.pt"
+    bad.write_bytes(pickle.dumps({"model": Payload()}))
+    result = cli("run", write_config(tiny()), "--resume", bad)
+    assert result.code == 2 and "cannot be loaded safely" in result.stderr and "evil.pt" in result.stderr
+    assert not marker.exists()
+
+
+def test_resume_auto_skips_a_truncated_checkpoint(cli, tmp_path, write_config, tiny):
+    config = write_config(tiny(train={"epochs": 2, "log_every": 1}))
+    first = cli("run", config, "-q")
+    assert first.code == 0
+    folder = tmp_path / first.stdout.strip()
+    last = folder / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:100])  # truncated
+    os.utime(last, None)  # the newest file, so auto tries it first
+    result = cli("run", config, "--resume", "auto", "train.epochs=3", "-q")
+    assert result.code == 0, result.output
+    assert (tmp_path / result.stdout.strip()) == folder  # continued in the same folder, from best.pt
+    assert json.loads((folder / "summary.json").read_text())["epochs"] == 3
+
+
+def test_resume_with_a_different_run_is_refused_unless_forced(cli, tmp_path, write_config, tiny):
+    config = write_config(tiny())
+    first = cli("run", config, "-q")
+    folder = tmp_path / first.stdout.strip()
+    refused = cli("run", config, "--resume", folder, "data.batch_size=8", "seed=3")
+    assert refused.code == 2
+    assert "data.batch_size: 16 in the checkpoint, 8 now" in refused.stderr and "seed: 0" in refused.stderr
+    assert "--force" in refused.stderr
+    # a longer budget is not a different run
+    assert cli("run", config, "--resume", folder, "train.epochs=3", "-q").code == 0
+
+
+def _make_read_only(folder: Path) -> None:
+    """chmod for ordinary users; root ignores it, so also the immutable attribute (chattr +i)."""
+    folder.chmod(0o555)
+    probe = folder / ".probe"
+    try:
+        probe.touch()
+    except OSError:
+        return
+    probe.unlink()
+    done = subprocess.run(["chattr", "+i", str(folder)], capture_output=True)
+    if done.returncode != 0:
+        pytest.fail(f"cannot make {folder} read-only on this machine: {done.stderr.decode()}")
+
+
+def test_a_checkpoint_save_that_fails_names_the_path_and_keeps_the_old_one(cli, tmp_path, write_config, tiny):
+    config = write_config(tiny(train={"epochs": 1}))
+    folder = tmp_path / "run"
+    assert cli("run", config, "--run-dir", folder, "-q").code == 0
+    checkpoints = folder / "checkpoints"
+    before = (checkpoints / "last.pt").read_bytes()
+    _make_read_only(checkpoints)
+    try:
+        result = cli("resume", folder, "train.epochs=2")
+    finally:
+        subprocess.run(["chattr", "-i", str(checkpoints)], capture_output=True)
+        checkpoints.chmod(0o755)
+    assert result.code == 1, result.output
+    assert f"cannot write checkpoint '{checkpoints / 'last.pt'}'" in result.stderr
+    assert (checkpoints / "last.pt").read_bytes() == before
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best.pt", "last.pt"]  # no stray temporary file

@@ -39,6 +39,7 @@ class Built:
     loss_fn: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any
+    scaler: Any  # a GradScaler for fp16, else None
     settings: LoopSettings
 
 
@@ -64,6 +65,12 @@ def constructor_problem(section: str, name: str, kwargs: dict[str, Any]) -> tupl
     Returns (dotted key, message), or None when the constructor accepts the arguments.
     """
     probe = nn.Parameter(torch.zeros(2, 2))  # 2-D: some optimizers (muon) only take matrices
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecation warnings show once, when the real run builds it
+        return _try_construct(section, name, kwargs, probe)
+
+
+def _try_construct(section: str, name: str, kwargs: dict[str, Any], probe: nn.Parameter) -> tuple[str, str] | None:
     try:
         if section == "loss":
             LOSSES.build(name, **kwargs)
@@ -75,7 +82,7 @@ def constructor_problem(section: str, name: str, kwargs: dict[str, Any]) -> tupl
             SCHEDULERS.build(name, torch.optim.SGD([probe], lr=0.1), **kwargs, **fills)
         elif section == "model":
             MODELS.build(name, **kwargs)
-    except (ValueError, TypeError, RuntimeError, KeyError, IndexError, ZeroDivisionError) as err:
+    except (ValueError, TypeError, RuntimeError, KeyError, IndexError, ZeroDivisionError, OverflowError, MemoryError) as err:
         return _refusal(section, name, kwargs, err)
     return None
 
@@ -183,6 +190,7 @@ def build_run(config: Config, *, device: str | None = None) -> Built:
         loss_fn=loss_fn,
         optimizer=optimizer,
         scheduler=scheduler,
+        scaler=precision.grad_scaler(),
         settings=settings,
     )
 

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from trainer.errors import UsageError
+
+CHECKPOINT_FORMAT = 1  # bumped when the layout of the dict changes
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -45,19 +49,76 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def rng_state() -> dict[str, Any]:
+    """Every random number generator the run draws from, as tensors and plain values."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` saved."""
+    version, values, gauss = state["python"]
+    random.setstate((version, tuple(values), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def training_state(built: Any, state: Any) -> dict[str, Any]:
-    """What a checkpoint holds: plain state dicts and numbers, loadable with weights_only=True."""
+    """Everything a run needs to continue exactly: plain state dicts, tensors and numbers only,
+    so the file loads with weights_only=True."""
     from trainer import __version__
 
     return {
+        "format": CHECKPOINT_FORMAT,
         "model": built.model.state_dict(),
         "optimizer": built.optimizer.state_dict(),
         "scheduler": built.scheduler.state_dict() if built.scheduler is not None else None,
-        "step": state.step,
-        "epoch": state.epoch,
+        "scaler": built.scaler.state_dict() if built.scaler is not None else None,
+        "train_state": state.to_dict(),
+        # the data order is a pure function of these: epoch `epoch`'s permutation from `seed`,
+        # resumed after `batch_in_epoch` batches; a data-parallel run shards that same permutation
+        "data_order": {
+            "seed": built.config.seed,
+            "epoch": state.epoch,
+            "batch_in_epoch": state.batch_in_epoch,
+            "batch_size": built.config.data.batch_size,
+            "num_samples": built.train_batches.num_samples,
+            "shuffle": built.config.data.shuffle,
+        },
+        "rng": rng_state(),
         "config": built.config.model_dump(mode="json"),
-        "versions": {"trainer": __version__, "torch": torch.__version__},
+        "versions": {"trainer": __version__, "torch": str(torch.__version__)},
     }
+
+
+def restore(built: Any, payload: dict[str, Any], path: Path) -> Any:
+    """Load a checkpoint's states into the built run; returns its TrainState. RNGs are restored last."""
+    from trainer.engine import TrainState
+
+    try:
+        built.model.load_state_dict(payload["model"])
+        built.optimizer.load_state_dict(payload["optimizer"])
+        if built.scheduler is not None and payload.get("scheduler") is not None:
+            built.scheduler.load_state_dict(payload["scheduler"])
+        if built.scaler is not None and payload.get("scaler") is not None:
+            built.scaler.load_state_dict(payload["scaler"])
+        state = TrainState.from_dict(payload["train_state"])
+        set_rng_state(payload["rng"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UsageError(f"checkpoint '{path}' does not fit this config: {first}") from None
+    return state
 
 
 def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:

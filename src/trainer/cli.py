@@ -40,6 +40,8 @@ def _guarded(action: Callable[[], None]) -> None:
 
     try:
         action()
+    except typer.Exit:
+        raise
     except UsageError as err:
         _fail(str(err), EXIT_USAGE)
     except TrainingFailed as err:
@@ -75,23 +77,48 @@ def run(
     device: Optional[str] = typer.Option(None, "--device", help="Override the config's device: auto, cpu, cuda, cuda:N, mps"),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Write the run exactly here (a new or empty folder)"),
     runs_root: Path = typer.Option(Path("runs"), "--runs-root", help="Where run folders go: <root>/<name>/<timestamp>"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the result line"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the run folder"),
+    resume: Optional[str] = typer.Option(
+        None, "--resume", help="Continue from a checkpoint file, a run folder, or 'auto' (the newest that loads)"
+    ),
+    force: bool = typer.Option(False, "--force", help="Resume even if model, data or seed differ from the checkpoint's"),
 ) -> None:
     """Train a model from CONFIG; prints the run folder."""
+    _guarded(lambda: _train(_load(config, overrides), run_dir, runs_root, device, quiet, resume, force))
+
+
+@app.command()
+def resume(
+    run_dir: Path = typer.Argument(..., help="A run folder, e.g. runs/lenet/20261122-101500", show_default=False),
+    overrides: Optional[List[str]] = OverridesArg,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the run folder"),
+    force: bool = typer.Option(False, "--force", help="Resume even if model, data or seed differ from the checkpoint's"),
+) -> None:
+    """Continue an interrupted run in its own folder, from its newest checkpoint that loads."""
 
     def action() -> None:
-        from trainer.runs import execute_run
+        from trainer.errors import UsageError
 
-        cfg = _load(config, overrides)
-        result = execute_run(cfg, run_dir=run_dir, root=runs_root, device=device, quiet=quiet)
-        if result.error:
-            err_console.print(f"error: {result.error}" if result.exit_code == EXIT_FAILED else result.error, markup=False)
-        # the last line on stdout is the run folder, for scripts, whatever the status
-        print(result.run_dir, flush=True)
-        if result.exit_code:
-            raise typer.Exit(result.exit_code)
+        if not (run_dir / "config.yaml").is_file():
+            raise UsageError(f"'{run_dir}' is not a run folder: it has no config.yaml")
+        cfg = _load(run_dir / "config.yaml", overrides)
+        _train(cfg, None, run_dir.parent.parent, None, quiet, str(run_dir), force)
 
     _guarded(action)
+
+
+def _train(cfg, run_dir, runs_root, device, quiet, resume_from, force) -> None:
+    from trainer.runs import execute_run
+
+    result = execute_run(
+        cfg, run_dir=run_dir, root=runs_root, device=device, quiet=quiet, resume=resume_from, force=force
+    )
+    if result.error:
+        err_console.print(f"error: {result.error}" if result.exit_code == EXIT_FAILED else result.error, markup=False)
+    # the last line on stdout is the run folder, for scripts, whatever the status
+    print(result.run_dir, flush=True)
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)
 
 
 @app.command()

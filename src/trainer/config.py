@@ -70,6 +70,9 @@ class TrainConfig(BaseModel):
     max_steps: int | None = Field(None, gt=0)  # optimizer steps; the run stops at whichever limit comes first
     log_every: int = Field(10, gt=0)  # optimizer steps between train-loss points (console, TensorBoard, metrics.jsonl)
     grad_clip: float | None = Field(None, gt=0)  # max L2 norm of all gradients; null: no clipping
+    checkpoint_every: int | None = Field(None, gt=0)  # optimizer steps between saves of last.pt (also at every epoch end)
+    monitor: Literal["val_loss", "val_accuracy", "train_loss"] = "val_loss"  # best.pt's metric; train_loss without validation
+    mode: Literal["min", "max"] | None = None  # best is the min or max of `monitor`; null: max for accuracy, else min
 
 
 DEFAULT_EPOCHS = 10
@@ -81,7 +84,7 @@ class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field("run", min_length=1)  # run name: the run folder is runs/<name>/<timestamp>; default: the file's stem
-    seed: int = 0  # seeds python, numpy and torch, the data split and the data order
+    seed: int = Field(0, ge=0, lt=2**63)  # seeds python, numpy and torch, the data split and the data order
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: autocast; fp16 adds a GradScaler (CUDA only)
     model: ModelConfig
@@ -252,6 +255,10 @@ def _parse_yaml(text: str, source: str) -> tuple[Any, _LineMap]:
         line = mark.line + 1 if mark else None
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError(source, [Problem("", f"YAML does not parse: {problem}", line)]) from None
+    except RecursionError:
+        raise ConfigError(source, [Problem("", "the YAML is nested too deeply to be a config")]) from None
+    except ValueError as err:  # e.g. an integer with more digits than Python converts
+        raise ConfigError(source, [Problem("", f"YAML does not load: {err}")]) from None
     if node is not None:
         lines.add_node(node)
     return data, lines
@@ -288,6 +295,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     except yaml.YAMLError as err:
         first = (getattr(err, "problem", None) or str(err)).splitlines()[0]
         raise ValueError(f"the value '{raw}' is not valid YAML: {first}") from None
+    except RecursionError:
+        raise ValueError("the value is nested too deeply") from None
     return parts, value
 
 

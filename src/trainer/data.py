@@ -281,7 +281,15 @@ def build_data(
         kwargs["image_size"] = image_shape[-1]
     if "grayscale" in accepts and kwargs.get("grayscale") is None and image_shape:
         kwargs["grayscale"] = image_shape[0] == 1
-    splits: Splits = entry.factory(**kwargs)
+    try:
+        splits: Splits = entry.factory(**kwargs)
+    except DataError:
+        raise
+    except (TypeError, ValueError, OverflowError, RuntimeError, MemoryError) as err:
+        # sizes torch cannot hold or allocate (size: 1e19, image_size: 10000000)
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if k not in ("seed", "val_fraction"))
+        raise DataError(f"dataset '{name}' cannot be built with {given}: {first}", key="data") from None
 
     train, val = splits.train, splits.val
     if val is None:
@@ -362,12 +370,12 @@ def tensors(x: list, y: list) -> Splits:
     """Inline data from the config: x, y as nested lists (1-D int y -> class labels, else regression)."""
     try:
         xs = torch.tensor(x, dtype=torch.float32)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, OverflowError) as err:
         raise DataError(f"must be a list of numbers or equal-length lists of numbers ({err})", key="data.x") from None
     labels = all(isinstance(v, int) and not isinstance(v, bool) for v in y)
     try:
         ys = torch.tensor(y, dtype=torch.int64 if labels else torch.float32)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, OverflowError) as err:
         raise DataError(f"must be a list of numbers or equal-length lists of numbers ({err})", key="data.y") from None
     if len(xs) == 0:
         raise DataError("has no samples", key="data.x")

@@ -36,7 +36,10 @@ class Tracker(Protocol):
 
     def epoch_started(self, *, epoch: int, epochs: int, steps: int) -> None: ...
 
-    def log_train(self, *, step: int, epoch: int, step_in_epoch: int, loss: float, lr: float, samples_per_s: float) -> None: ...
+    def log_train(
+        self, *, step: int, epoch: int, step_in_epoch: int, loss: float, lr: float, samples_per_s: float,
+        grad_norm: float | None = None,
+    ) -> None: ...
 
     def log_val(self, *, step: int, epoch: int, metrics: dict[str, float]) -> None: ...
 
@@ -47,14 +50,106 @@ class Tracker(Protocol):
 
 @dataclass
 class TrainState:
-    """Where training is: enough to report, checkpoint and resume."""
+    """Where training is: enough to report, checkpoint and resume exactly."""
 
     step: int = 0  # optimizer steps done
     epoch: int = 0  # epochs completed
-    train_loss: float | None = None  # mean training loss of the last epoch
+    batch_in_epoch: int = 0  # batches done in the current epoch: where a resumed run picks up
+    train_loss: float | None = None  # mean training loss of the last completed epoch
     val: dict[str, float] = field(default_factory=dict)  # metrics of the last validation
     best: dict[str, float] = field(default_factory=dict)  # best value of each metric so far
     history: list[dict[str, Any]] = field(default_factory=list)  # one entry per epoch
+    running: dict[str, Any] = field(default_factory=dict)  # device-side sums between log points (see Running)
+    best_checkpoint: float | None = None  # the monitored metric's value when best.pt was written
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain containers and tensors only, so a checkpoint loads with weights_only=True."""
+        return {
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "train_loss": self.train_loss, "val": dict(self.val), "best": dict(self.best),
+            "history": [dict(h) for h in self.history], "running": dict(self.running),
+            "best_checkpoint": self.best_checkpoint,
+        }  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainState:
+        return cls(**data)
+
+
+def check_finite(running: dict[str, Any]) -> None:
+    """Raise TrainingFailed naming the first step whose loss was not finite (one host sync).
+
+    `running` is `TrainState.running`; the runner calls this before writing a checkpoint, so a
+    NaN never overwrites the last good one.
+    """
+    bad = running.get("nonfinite_at")
+    step = int(bad.item()) if bad is not None else 0
+    if step:
+        raise TrainingFailed(
+            f"the training loss is not finite at step {step}; "
+            "try a lower optimizer.lr or set train.grad_clip (e.g. train.grad_clip=1.0)"
+        )
+
+
+class Running:
+    """Sums kept on the device between log points, so the loop never waits for the GPU per step.
+
+    They live in `TrainState.running`, so a checkpoint taken between log points resumes into
+    exactly the numbers the uninterrupted run would have logged.
+    """
+
+    def __init__(self, state: TrainState, device: torch.device) -> None:
+        self.values = state.running
+        zero = torch.zeros((), device=device)
+        for name in ("window_loss", "epoch_loss", "grad_norm"):
+            self.values[name] = self.values.get(name, zero.clone()).to(device)
+        self.values["nonfinite_at"] = self.values.get("nonfinite_at", torch.zeros((), dtype=torch.long)).to(device)
+        for name in ("window_batches", "window_samples", "epoch_batches"):
+            self.values.setdefault(name, 0)
+        self.values.setdefault("window_first_step", state.step + 1)
+        self.window_started = time.perf_counter()
+        self.clipping = False  # whether pre-clip gradient norms are being collected
+
+    def add(self, loss: torch.Tensor, samples: int, step: int, grad_norm: torch.Tensor | None) -> None:
+        v = self.values
+        v["window_loss"] += loss
+        v["epoch_loss"] += loss
+        v["window_batches"] += 1
+        v["epoch_batches"] += 1
+        v["window_samples"] += samples
+        # remember the first step whose loss was not finite, still without a host sync
+        first_bad = (v["nonfinite_at"] == 0) & ~torch.isfinite(loss)
+        v["nonfinite_at"] = torch.where(first_bad, torch.full_like(v["nonfinite_at"], step), v["nonfinite_at"])
+        if grad_norm is not None:
+            self.clipping = True
+            v["grad_norm"] = torch.maximum(v["grad_norm"], grad_norm.detach().float())
+
+    def read_window(self, step: int) -> dict[str, float]:
+        """The mean loss (and max pre-clip gradient norm) since the last log point; then start a new window."""
+        v = self.values
+        loss = (v["window_loss"] / max(v["window_batches"], 1)).item()
+        if not math.isfinite(loss):
+            check_finite(self.values)
+        elapsed = time.perf_counter() - self.window_started
+        out = {"loss": loss, "samples_per_s": v["window_samples"] / elapsed if elapsed > 0 else 0.0}
+        if self.clipping:
+            out["grad_norm"] = v["grad_norm"].item()
+        v["window_loss"].zero_()
+        v["grad_norm"].zero_()
+        v["window_batches"] = v["window_samples"] = 0
+        v["window_first_step"] = step + 1
+        self.window_started = time.perf_counter()
+        return out
+
+    def read_epoch(self) -> float | None:
+        """The epoch's mean training loss; then start a new epoch."""
+        v = self.values
+        mean = (v["epoch_loss"] / v["epoch_batches"]).item() if v["epoch_batches"] else None
+        if mean is not None and not math.isfinite(mean):
+            check_finite(self.values)
+        v["epoch_loss"].zero_()
+        v["epoch_batches"] = 0
+        return mean
 
 
 @dataclass
@@ -86,35 +181,6 @@ def current_lr(optimizer: torch.optim.Optimizer) -> float:
     return float(lr) if not isinstance(lr, torch.Tensor) else lr.item()
 
 
-def _check_finite(loss: float, step: int, since: int) -> None:
-    if not math.isfinite(loss):
-        where = f"step {step}" if since >= step else f"steps {since}-{step}"
-        raise TrainingFailed(
-            f"the training loss became {loss} at {where}; "
-            "try a lower optimizer.lr or set train.grad_clip (e.g. train.grad_clip=1.0)"
-        )
-
-
-class LogWindow:
-    """The training loss summed on the device since the last log point, read back only when logged."""
-
-    def __init__(self, device: torch.device, first_step: int) -> None:
-        self.loss_sum = torch.zeros((), device=device)
-        self.batches = self.samples = 0
-        self.reset(first_step)
-
-    def add(self, loss: torch.Tensor, samples: int) -> None:
-        self.loss_sum += loss
-        self.batches += 1
-        self.samples += samples
-
-    def reset(self, first_step: int) -> None:
-        self.loss_sum.zero_()
-        self.batches = self.samples = 0
-        self.first_step = first_step
-        self.started = time.perf_counter()
-
-
 def train_epoch(
     model: nn.Module,
     batches: Batches,
@@ -124,63 +190,57 @@ def train_epoch(
     settings: LoopSettings,
     *,
     precision: Precision,
-    window: LogWindow,
+    running: Running,
     last_step: int,
     scaler: Any = None,
     scheduler: Any = None,
     tracker: Tracker | None = None,
-) -> float | None:
-    """One pass over `batches` (or until `last_step`); returns the epoch's mean training loss."""
+    after_step: Callable[[TrainState], None] | None = None,
+) -> None:
+    """Train over the rest of the current epoch (from `state.batch_in_epoch`) or until `last_step`."""
     model.train()
-    epoch_sum = torch.zeros_like(window.loss_sum)
-    epoch_batches = 0
-    for step_in_epoch, (inputs, targets) in enumerate(batches.epoch(state.epoch), start=1):
+    for inputs, targets in batches.epoch(state.epoch, start_batch=state.batch_in_epoch):
         # forward
         with precision.autocast():
             loss = loss_fn(model(inputs), targets)
 
         # backward and step
         optimizer.zero_grad(set_to_none=True)
+        grad_norm = None
         if scaler is not None:
             scaler.scale(loss).backward()
             if settings.grad_clip:
                 scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+                grad_norm = nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
             scaler.step(optimizer)
             scaler.update()
         else:
             loss.backward()
             if settings.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+                grad_norm = nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
             optimizer.step()
         if scheduler is not None and settings.scheduler_interval == "step":
             scheduler.step()
         state.step += 1
+        state.batch_in_epoch += 1
 
         # accumulate on the device: no host sync between log points
-        detached = loss.detach().float()
-        epoch_sum += detached
-        epoch_batches += 1
-        window.add(detached, targets.shape[0])
+        running.add(loss.detach().float(), targets.shape[0], state.step, grad_norm)
 
         # log
         if state.step % settings.log_every == 0 or state.step == last_step:
-            mean = (window.loss_sum / window.batches).item()
-            _check_finite(mean, state.step, window.first_step)
-            elapsed = time.perf_counter() - window.started
+            window = running.read_window(state.step)
             if tracker is not None:
                 tracker.log_train(
-                    step=state.step,
-                    epoch=state.epoch + 1,
-                    step_in_epoch=step_in_epoch,
-                    loss=mean,
-                    lr=current_lr(optimizer),
-                    samples_per_s=window.samples / elapsed if elapsed > 0 else 0.0,
-                )
-            window.reset(state.step + 1)
+                    step=state.step, epoch=state.epoch + 1, step_in_epoch=state.batch_in_epoch,
+                    lr=current_lr(optimizer), **window,
+                )  # fmt: skip
+
+        # checkpoints and stop requests (the runner's hook)
+        if after_step is not None:
+            after_step(state)
         if state.step >= last_step:
             break
-    return (epoch_sum / epoch_batches).item() if epoch_batches else None
 
 
 @torch.no_grad()
@@ -231,31 +291,36 @@ def fit(
     *,
     precision: Precision,
     scheduler: Any = None,
+    scaler: Any = None,
     tracker: Tracker | None = None,
     state: TrainState | None = None,
-    on_epoch_end: Callable[[TrainState, bool], None] | None = None,
+    after_step: Callable[[TrainState], None] | None = None,
+    on_epoch_end: Callable[[TrainState, set[str]], None] | None = None,
 ) -> TrainState:
     """Train for `settings.epochs` epochs or `settings.max_steps` steps, whichever comes first.
 
-    `on_epoch_end(state, improved)` runs after each epoch's validation (the runner saves
-    checkpoints there); `improved` says whether the val loss (else the train loss) is a new best.
+    A `state` from a checkpoint resumes where it stopped, mid-epoch included. `after_step(state)`
+    runs after every optimizer step and `on_epoch_end(state, improved)` after each epoch's
+    validation, with the names of the metrics that reached a new best (the runner saves
+    checkpoints in both).
     """
     state = state or TrainState()
-    scaler = precision.grad_scaler()
+    running = Running(state, next(model.parameters()).device)
     last_step = settings.last_step(len(train_batches))
-    window = LogWindow(next(model.parameters()).device, state.step + 1)
     while state.epoch < settings.epochs and state.step < last_step:
         started = time.perf_counter()
         if tracker is not None:
             tracker.epoch_started(epoch=state.epoch + 1, epochs=settings.epochs, steps=len(train_batches))
 
         # train
-        state.train_loss = train_epoch(
+        train_epoch(
             model, train_batches, loss_fn, optimizer, state, settings,
-            precision=precision, window=window, last_step=last_step, scaler=scaler, scheduler=scheduler,
-            tracker=tracker,
+            precision=precision, running=running, last_step=last_step, scaler=scaler, scheduler=scheduler,
+            tracker=tracker, after_step=after_step,
         )  # fmt: skip
+        state.train_loss = running.read_epoch()
         state.epoch += 1
+        state.batch_in_epoch = 0
 
         # validate
         state.val = {}
@@ -276,7 +341,6 @@ def fit(
         if state.train_loss is not None:
             metrics["train_loss"] = state.train_loss
         improved = update_best(state.best, metrics)
-        monitor = "val_loss" if "val_loss" in metrics else "train_loss"
         seconds = time.perf_counter() - started
         state.history.append({"epoch": state.epoch, "step": state.step, **metrics, "seconds": seconds})
         if tracker is not None:
@@ -285,5 +349,5 @@ def fit(
                 train_loss=state.train_loss, val=state.val or None, seconds=seconds,
             )  # fmt: skip
         if on_epoch_end is not None:
-            on_epoch_end(state, monitor in improved)
+            on_epoch_end(state, improved)
     return state

@@ -335,13 +335,15 @@ def _coerce_to(value: Any, annotation: Any) -> Any:
     if annotation is float:
         if isinstance(value, bool):
             raise ValueError(f"expects a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
+        try:
+            if isinstance(value, (int, float)):
                 return float(value)
-            except ValueError:
-                pass
+            if isinstance(value, str):
+                return float(value)
+        except ValueError:
+            pass
+        except OverflowError:
+            raise ValueError(f"expects a number, got one too large for a float: {str(value)[:20]}...") from None
         raise ValueError(f"expects a number, got {value!r}")
     if annotation is str:
         if isinstance(value, str):

@@ -103,6 +103,29 @@ class Stopped(Exception):
         self.exit_code = 128 + signum
 
 
+class StopRequests:
+    """While active, SIGINT and SIGTERM ask the loop to stop after the current step (it saves
+    last.pt first); a second SIGINT stops at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> StopRequests:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
 @dataclass
 class RunResult:
     status: str  # completed | failed | interrupted
@@ -112,8 +135,18 @@ class RunResult:
     exit_code: int = 0  # 0 completed, 1 failed while training, 130 SIGINT, 143 SIGTERM
 
 
-def _raise_stopped(signum: int, frame: Any) -> None:
-    raise Stopped(signum)
+# a test aid: send this process SIGTERM (or the signal named after a colon) right after step K,
+# so the tests interrupt a run at an exact step through the real signal path
+_STOP_AT_STEP = "TRAINER_STOP_AT_STEP"
+
+
+def _injected_stop(step: int) -> None:
+    spec = os.environ.get(_STOP_AT_STEP)
+    if not spec:
+        return
+    at, _, name = spec.partition(":")
+    if int(at) == step:
+        os.kill(os.getpid(), getattr(signal, name or "SIGTERM"))
 
 
 def execute_run(
@@ -124,15 +157,17 @@ def execute_run(
     device: str | None = None,
     quiet: bool = False,
     console: Any = None,
+    resume: str | Path | None = None,
+    force: bool = False,
 ) -> RunResult:
-    """Build and train one config, writing its run folder.
+    """Build and train one config, writing its run folder (or continuing one, with `resume`).
 
-    Bad input raises UsageError before the folder exists. Once training starts, a failure
+    Bad input raises UsageError before anything is written. Once training starts, a failure
     (TrainingFailed), SIGINT or SIGTERM is recorded in summary.json and returned, not raised;
     any other exception is recorded and re-raised.
     """
     from trainer.build import build_run, check_one_batch
-    from trainer.checkpoint import atomic_save, training_state
+    from trainer.checkpoint import restore
     from trainer.data import describe_data
     from trainer.engine import TrainState, fit
     from trainer.models import count_parameters
@@ -140,67 +175,210 @@ def execute_run(
 
     built = build_run(config, device=device)
     check_one_batch(built)
-    folder = create_run_dir(built.config.name, root=root, run_dir=run_dir)
+    checkpoint = None
+    if resume is not None:
+        if run_dir is not None:
+            raise UsageError("--run-dir and --resume do not go together: a resumed run continues in its own folder")
+        checkpoint, payload = find_checkpoint(resume, name=built.config.name, root=root)
+        refuse_changed_run(payload.get("config", {}), built.config.model_dump(mode="json"), checkpoint, force=force)
+        folder = checkpoint.parent.parent
+        state = restore(built, payload, checkpoint)
+        _note_resume(folder, checkpoint, state.step)
+    else:
+        folder = create_run_dir(built.config.name, root=root, run_dir=run_dir)
+        write_json(folder / "env.json", environment(str(built.device), built.device_reason))
+        state = TrainState()
     (folder / "config.yaml").write_text(built.config.to_yaml(), encoding="utf-8")
-    write_json(folder / "env.json", environment(str(built.device), built.device_reason))
 
     settings = built.settings
-    state = TrainState()
+    steps_per_epoch = len(built.train_batches)
+    last_step = settings.last_step(steps_per_epoch)
     status, error, exit_code = "failed", None, 1
     started = time.perf_counter()
-    previous = signal.signal(signal.SIGTERM, _raise_stopped)
     # an explicit --run-dir is not under a runs root, so the hint names the folder itself
-    logdir = folder if run_dir is not None else Path(root)
-    tracker = Tracker(folder, console=console, quiet=quiet, tensorboard_logdir=logdir)
-    try:
-        tracker.run_started(
-            name=built.config.name,
-            run_dir=folder,
-            device=str(built.device),
-            device_reason=built.device_reason,
-            model=built.config.model.name,
-            num_params=count_parameters(built.model),
-            data=f"{built.config.data.name}: {describe_data(built.info)}",
-            epochs=settings.epochs,
-            steps_per_epoch=len(built.train_batches),
-            total_steps=settings.last_step(len(built.train_batches)),
-            batch_size=built.config.data.batch_size,
+    logdir = Path(root) if folder.parent.parent == Path(root) else folder
+    tracker = Tracker(folder, console=console, quiet=quiet, tensorboard_logdir=logdir, resume_step=state.step)
+    with StopRequests() as stop:
+        try:
+            tracker.run_started(
+                name=built.config.name,
+                run_dir=folder,
+                device=str(built.device),
+                device_reason=built.device_reason,
+                model=built.config.model.name,
+                num_params=count_parameters(built.model),
+                data=f"{built.config.data.name}: {describe_data(built.info)}",
+                epochs=settings.epochs,
+                steps_per_epoch=steps_per_epoch,
+                total_steps=last_step,
+                batch_size=built.config.data.batch_size,
+            )
+            if state.step:
+                tracker.message(f"resumed from {checkpoint} at step {state.step} (epoch {state.epoch + 1})")
+            checkpoints = Checkpoints(built, folder / "checkpoints")
+
+            def after_step(state: TrainState) -> None:
+                _injected_stop(state.step)
+                # at an epoch's last batch the epoch-end hook below saves and stops, after validation
+                if state.batch_in_epoch >= steps_per_epoch:
+                    return
+                every = built.config.train.checkpoint_every
+                if stop.signum is not None or (every and state.step % every == 0):
+                    checkpoints.save_last(state)
+                if stop.signum is not None:
+                    raise Stopped(stop.signum)
+
+            def on_epoch_end(state: TrainState, improved: set[str]) -> None:
+                checkpoints.save_last(state)
+                checkpoints.save_best_if_improved(state)
+                if stop.signum is not None and state.step < last_step:
+                    raise Stopped(stop.signum)
+
+            fit(
+                built.model, built.train_batches, built.val_batches, built.loss_fn, built.optimizer, settings,
+                precision=built.precision, scheduler=built.scheduler, scaler=built.scaler, tracker=tracker,
+                state=state, after_step=after_step, on_epoch_end=on_epoch_end,
+            )  # fmt: skip
+            status, exit_code = "completed", 0
+        except KeyboardInterrupt:
+            status, error, exit_code = "interrupted", "stopped at once by a second SIGINT", 128 + signal.SIGINT
+        except Stopped as err:
+            status, error, exit_code = "interrupted", f"stopped by {err} after step {state.step}", err.exit_code
+        except TrainingFailed as err:
+            status, error = "failed", str(err)
+        except Exception as err:
+            error = f"{type(err).__name__}: {err}"
+            raise
+        finally:
+            seconds = time.perf_counter() - started
+            summary = _summary(status, error, state, seconds, built)
+            write_json(folder / "summary.json", summary)
+            if status == "completed":
+                tracker.log_hparams(_hparams(built.config), {f"best/{k}": v for k, v in summary["best"].items()})
+            tracker.finished(
+                status=status, run_dir=folder, best=summary["best"], final=summary["final"],
+                steps=summary["steps"], epochs=summary["epochs"], seconds=seconds,
+            )  # fmt: skip
+            if status == "interrupted" and (folder / "checkpoints" / "last.pt").exists():
+                tracker.message(f"resume with: trainer resume {folder}")
+            tracker.close()
+    return RunResult(status, folder, summary, error, exit_code)
+
+
+class Checkpoints:
+    """last.pt and best.pt of one run; a save never leaves a NaN state or a half-written file behind."""
+
+    def __init__(self, built: Any, folder: Path) -> None:
+        self.built = built
+        self.folder = folder
+        train = built.config.train
+        self.monitor = train.monitor
+        self.mode = train.mode or ("max" if "accuracy" in train.monitor else "min")
+
+    def _save(self, state: Any, name: str) -> None:
+        from trainer.checkpoint import atomic_save, training_state
+        from trainer.engine import check_finite
+
+        check_finite(state.running)  # a non-finite loss must not overwrite the last good checkpoint
+        path = self.folder / name
+        try:
+            atomic_save(training_state(self.built, state), path)
+        except OSError as err:
+            raise TrainingFailed(f"cannot write checkpoint '{path}': {err.strerror or err}; the previous one is intact") from None
+
+    def save_last(self, state: Any) -> None:
+        self._save(state, "last.pt")
+
+    def save_best_if_improved(self, state: Any) -> None:
+        """best.pt when the monitored metric is the best so far (train_loss when there is no validation)."""
+        latest = state.history[-1]
+        monitor = self.monitor if self.monitor in latest else "train_loss"
+        value = latest.get(monitor)
+        if value is None:
+            return
+        best = state.best_checkpoint
+        if best is None or (value > best if self.mode == "max" else value < best):
+            state.best_checkpoint = value
+            self._save(state, "best.pt")
+
+
+# ---------------------------------------------------------------------------------------------
+# resuming
+
+
+def find_checkpoint(spec: str | Path, *, name: str, root: Path) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint `--resume` names (a file, a run folder, or `auto`) and its contents.
+
+    `auto` and a run folder pick the newest checkpoint that loads, skipping corrupt ones.
+    """
+    from trainer.checkpoint import load_checkpoint
+
+    spec_path = Path(spec)
+    if str(spec) == "auto":
+        candidates = sorted(Path(root).glob(f"{name}/*/checkpoints/*.pt"), key=_mtime, reverse=True)
+        where = f"under {Path(root) / name}"
+    elif spec_path.is_dir():
+        folder = spec_path / "checkpoints" if (spec_path / "checkpoints").is_dir() else spec_path
+        candidates = sorted(folder.glob("*.pt"), key=_mtime, reverse=True)
+        where = f"in {folder}"
+    elif spec_path.exists():
+        return spec_path, load_checkpoint(spec_path)
+    else:
+        raise UsageError(f"--resume '{spec}' does not exist; give a checkpoint file, a run folder or auto")
+    skipped = []
+    for candidate in candidates:
+        try:
+            return candidate, load_checkpoint(candidate)
+        except UsageError as err:
+            skipped.append(str(err))
+    detail = "".join(f"\n  skipped: {s}" for s in skipped)
+    raise UsageError(f"no checkpoint that loads {where}{detail}")
+
+
+def _mtime(path: Path) -> float:
+    return path.stat().st_mtime
+
+
+# the parts of a config that make a resumed run a different run
+_RUN_DEFINING = ("seed", "model", "data")
+
+
+def refuse_changed_run(saved: dict[str, Any], current: dict[str, Any], checkpoint: Path, *, force: bool) -> None:
+    """Raise UsageError listing what differs in model, data or seed, unless `force`."""
+    differences = []
+    for section in _RUN_DEFINING:
+        old, new = _flatten(saved.get(section), section), _flatten(current.get(section), section)
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                differences.append(f"{key}: {old.get(key, '(not set)')!r} in the checkpoint, {new.get(key, '(not set)')!r} now")
+    if differences and not force:
+        listed = "".join(f"\n  {d}" for d in differences)
+        raise UsageError(
+            f"the config differs from the one checkpoint '{checkpoint}' was trained with:{listed}\n"
+            "resuming would not continue the same run; pass --force to resume anyway"
         )
 
-        def save_checkpoints(state: TrainState, improved: bool) -> None:
-            payload = training_state(built, state)
-            atomic_save(payload, folder / "checkpoints" / "last.pt")
-            if improved:
-                atomic_save(payload, folder / "checkpoints" / "best.pt")
 
-        fit(
-            built.model, built.train_batches, built.val_batches, built.loss_fn, built.optimizer, settings,
-            precision=built.precision, scheduler=built.scheduler, tracker=tracker, state=state,
-            on_epoch_end=save_checkpoints,
-        )  # fmt: skip
-        status, exit_code = "completed", 0
-    except KeyboardInterrupt:
-        status, error, exit_code = "interrupted", "stopped by SIGINT", 128 + signal.SIGINT
-    except Stopped as err:
-        status, error, exit_code = "interrupted", f"stopped by {err}", err.exit_code
-    except TrainingFailed as err:
-        status, error = "failed", str(err)
-    except Exception as err:
-        error = f"{type(err).__name__}: {err}"
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        seconds = time.perf_counter() - started
-        summary = _summary(status, error, state, seconds, built)
-        write_json(folder / "summary.json", summary)
-        if status == "completed":
-            tracker.log_hparams(_hparams(built.config), {f"best/{k}": v for k, v in summary["best"].items()})
-        tracker.finished(
-            status=status, run_dir=folder, best=summary["best"], final=summary["final"],
-            steps=summary["steps"], epochs=summary["epochs"], seconds=seconds,
-        )  # fmt: skip
-        tracker.close()
-    return RunResult(status, folder, summary, error, exit_code)
+def _flatten(value: Any, prefix: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        return {prefix: value}
+    flat: dict[str, Any] = {}
+    for key, inner in value.items():
+        flat.update(_flatten(inner, f"{prefix}.{key}"))
+    return flat
+
+
+def _note_resume(folder: Path, checkpoint: Path, step: int) -> None:
+    """Record the resume in env.json next to the original command."""
+    path = folder / "env.json"
+    try:
+        env = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        env = {}
+    env.setdefault("resumes", []).append(
+        {"command": sys.argv, "from": str(checkpoint), "step": step, "time": datetime.now().astimezone().isoformat(timespec="seconds")}
+    )
+    write_json(path, env)
 
 
 def _summary(status: str, error: str | None, state: Any, seconds: float, built: Any) -> dict[str, Any]:

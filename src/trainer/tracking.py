@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import numbers
 import time
 from pathlib import Path
@@ -122,6 +123,23 @@ def _hparam_value(value: Any) -> int | float | str:
     return str(value)
 
 
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep the points up to `last_step` (and drop a half-written last line), atomically."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= last_step:
+            kept.append(line)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def _tensorboard_root(run_dir: Path) -> Path:
     """The folder to pass to ``tensorboard --logdir``: ``runs`` for ``runs/<name>/<timestamp>``."""
     root = run_dir.parent.parent
@@ -141,6 +159,8 @@ class Tracker:
         tensorboard: write a TensorBoard event file into ``run_dir``.
         jsonl: append one JSON object per logged point to ``run_dir/metrics.jsonl``.
         refresh_per_second: upper bound on the live display's redraw rate.
+        resume_step: the step a resumed run continues after: points logged past it by the
+            interrupted run are dropped from metrics.jsonl and purged from TensorBoard.
         tensorboard_logdir: the folder the final hint names (default: the run folder's grandparent,
             ``runs`` for ``runs/<name>/<timestamp>``).
 
@@ -157,6 +177,7 @@ class Tracker:
         jsonl: bool = True,
         refresh_per_second: float = 4,
         tensorboard_logdir: Path | None = None,
+        resume_step: int = 0,
     ) -> None:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         # what the final hint tells the user to pass to `tensorboard --logdir`
@@ -182,6 +203,8 @@ class Tracker:
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if jsonl:
+                if resume_step:
+                    _truncate_metrics(self.run_dir / METRICS_FILE, resume_step)
                 # Append: a resumed run continues the same file instead of erasing its history.
                 self._file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
             if tensorboard:
@@ -190,7 +213,8 @@ class Tracker:
 
                 # log_dir is the run folder itself, so `tensorboard --logdir runs` lists the run
                 # as <name>/<timestamp>.
-                self._writer = SummaryWriter(log_dir=str(self.run_dir))
+                # purge_step: TensorBoard hides what the interrupted run logged after the checkpoint
+                self._writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=resume_step + 1 if resume_step else None)
 
     # ----------------------------------------------------------------- context manager
 
@@ -321,11 +345,13 @@ class Tracker:
         loss: float,
         lr: float,
         samples_per_s: float,
+        grad_norm: float | None = None,
     ) -> None:
         """Record a training log point (``step``: global optimizer steps done, 1-based).
 
         Writes ``{"step", "epoch", "split": "train", "loss", "lr", "samples_per_s", "time"}`` to
-        metrics.jsonl and the TensorBoard scalars ``train/loss``, ``lr``, ``samples_per_s``.
+        metrics.jsonl and the TensorBoard scalars ``train/loss``, ``lr``, ``samples_per_s``; with
+        gradient clipping also ``grad_norm``, the largest pre-clip norm since the last point.
         """
         loss, lr, samples_per_s = _as_float(loss), _as_float(lr), _as_float(samples_per_s)
         self._last_step = step
@@ -338,12 +364,15 @@ class Tracker:
                 "loss": _json_number(loss),
                 "lr": _json_number(lr),
                 "samples_per_s": _json_number(samples_per_s),
+                **({"grad_norm": _json_number(_as_float(grad_norm))} if grad_norm is not None else {}),
                 "time": round(time.time(), 3),
             }
         )
         self._add_scalar("train/loss", loss, step)
         self._add_scalar("lr", lr, step)
         self._add_scalar("samples_per_s", samples_per_s, step)
+        if grad_norm is not None:
+            self._add_scalar("train/grad_norm", _as_float(grad_norm), step)
         if self.quiet:
             return
         if self.live:
