@@ -88,7 +88,7 @@ def test_linear_regression_predicts_8_at_4(seed_runs):
     model = MODELS.build("linear_regression")
     model.load_state_dict(state["model"])
     assert model(torch.tensor([[4.0]])).item() == pytest.approx(8.0, abs=0.5)
-    assert state["epoch"] == 40
+    assert state["train_state"]["epoch"] == 40
 
 
 def test_two_layer_net_follows_the_notebook_curve(seed_runs):
