@@ -163,3 +163,45 @@ def test_a_missing_file_is_a_usage_error(tmp_path):
 def test_a_folder_is_not_a_checkpoint(tmp_path):
     with pytest.raises(UsageError):
         load_checkpoint(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# SIGKILL in the middle of checkpoint writes
+
+_WRITER = """
+import sys, torch
+from pathlib import Path
+from trainer.checkpoint import atomic_save
+path = Path(sys.argv[1])
+i = int(sys.argv[2])
+print("ready", flush=True)
+while True:
+    i += 1
+    atomic_save({"i": i, "weights": torch.full((512, 1024), float(i))}, path)  # 2 MB a write
+"""
+
+
+def test_sigkill_during_writes_leaves_the_old_or_the_new_checkpoint(tmp_path):
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "last.pt"
+    atomic_save({"i": 0, "weights": torch.zeros(512, 1024)}, path)
+    rng = random.Random(0)
+    seen = set()
+    for kill in range(20):
+        last = load_checkpoint(path)["i"]
+        proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path), str(last * 1000)], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0.0, 0.3))  # somewhere in the middle of a write, most of the time
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        state = load_checkpoint(path)  # never a torn file
+        assert torch.equal(state["weights"], torch.full((512, 1024), float(state["i"])))
+        seen.add(state["i"])
+    assert len(seen) > 10  # the writer really was overwriting the file between kills
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "last.pt"]
+    assert all(name.startswith(".last.pt.") and name.endswith(".tmp") for name in leftovers)

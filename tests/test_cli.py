@@ -552,3 +552,26 @@ def test_schema_accepts_the_shipped_configs_and_catches_typos(cli):
     bad["train"]["epoch"] = 3
     with pytest.raises(jsonschema.ValidationError, match="epoch"):
         jsonschema.validate(bad, schema)
+
+
+# ---------------------------------------------------------------------------------------------
+# trainer eval
+
+
+def test_eval_reproduces_the_runs_validation_metrics(seed_runs, cli):
+    folder = _folder(seed_runs, "lenet.yaml")
+    result = cli("eval", folder, "--last", "--json")
+    assert result.code == 0, result.output
+    metrics = json.loads(result.stdout)
+    final = summary(folder)["final"]
+    assert metrics["loss"] == pytest.approx(final["val_loss"], rel=1e-6)
+    assert metrics["accuracy"] == pytest.approx(final["val_accuracy"])
+    assert metrics["step"] == 230 and metrics["samples"] == 359
+    best = cli("eval", folder)  # best.pt by default, in words
+    assert best.code == 0 and "best.pt" in best.stdout and "accuracy" in best.stdout
+
+
+def test_eval_bad_input(cli, tmp_path):
+    assert cli("eval", tmp_path / "missing.pt").code == 2
+    empty = cli("eval", tmp_path)
+    assert empty.code == 2 and "holds no best.pt or last.pt" in empty.stderr

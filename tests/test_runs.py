@@ -188,8 +188,11 @@ def test_a_signal_mid_epoch_saves_and_resume_completes(cli, tmp_path, signum, co
     saved = torch_load(run_dir / "checkpoints" / "last.pt")
     summary = json.loads((run_dir / "summary.json").read_text())
     assert saved["train_state"]["step"] == summary["steps"]  # the checkpoint is the step it stopped after
+    stale = run_dir / "checkpoints" / ".last.pt.abc123.tmp"  # what a SIGKILL mid-save leaves
+    stale.write_bytes(b"partial")
     resumed = cli("resume", run_dir, "train.epochs=4", "-q")
     assert resumed.code == 0, resumed.output
+    assert not stale.exists()
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
 
 

@@ -121,6 +121,39 @@ def _train(cfg, run_dir, runs_root, device, quiet, resume_from, force) -> None:
         raise typer.Exit(result.exit_code)
 
 
+@app.command("eval")
+def eval_(
+    target: Path = typer.Argument(..., help="A run folder or a checkpoint file", show_default=False),
+    split: str = typer.Option("val", "--split", help="val (the held-out split; MNIST's test split), test (the same) or train"),
+    best: bool = typer.Option(False, "--best", help="Use the run folder's best.pt (the default when it exists)"),
+    last: bool = typer.Option(False, "--last", help="Use the run folder's last.pt"),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N, mps"),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as one JSON object"),
+) -> None:
+    """Evaluate a saved model on its data and print its metrics."""
+
+    def action() -> None:
+        import json
+
+        from trainer.errors import UsageError
+        from trainer.runs import evaluate_checkpoint
+
+        if best and last:
+            raise UsageError("--best and --last exclude each other")
+        metrics = evaluate_checkpoint(target, split=split, which="best" if best else "last" if last else None, device=device)
+        if as_json:
+            print(json.dumps(metrics))
+            return
+        out = Console(highlight=False, soft_wrap=True)
+        out.print(f"{metrics['checkpoint']} (step {metrics['step']}), {metrics['split']} split, {metrics['samples']} samples", markup=False)
+        for name in ("loss", "accuracy"):
+            if name in metrics:
+                value = f"{metrics[name]:.2%}" if name == "accuracy" else f"{metrics[name]:.6g}"
+                out.print(f"  {name} {value}", markup=False)
+
+    _guarded(action)
+
+
 @app.command()
 def validate(config: Path = ConfigArg, overrides: Optional[List[str]] = OverridesArg) -> None:
     """Check CONFIG, build everything and push one batch through; trains nothing."""

@@ -274,6 +274,9 @@ class Checkpoints:
         train = built.config.train
         self.monitor = train.monitor
         self.mode = train.mode or ("max" if "accuracy" in train.monitor else "min")
+        # a process killed mid-save (SIGKILL, power loss) leaves its temporary file; only one run writes here
+        for stale in folder.glob(".*.pt.*.tmp") if folder.is_dir() else []:
+            stale.unlink(missing_ok=True)
 
     def _save(self, state: Any, name: str) -> None:
         from trainer.checkpoint import atomic_save, training_state
@@ -300,6 +303,55 @@ class Checkpoints:
         if best is None or (value > best if self.mode == "max" else value < best):
             state.best_checkpoint = value
             self._save(state, "best.pt")
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluating a saved model
+
+
+def evaluate_checkpoint(target: Path, *, split: str = "val", which: str | None = None, device: str | None = None) -> dict[str, Any]:
+    """Metrics of a saved model on one split of its own config's data.
+
+    `target` is a checkpoint file or a run folder (then best.pt, or last.pt with which="last").
+    `split`: "val" (the held-out split; for MNIST that is the test split), "test" (the same), or "train".
+    """
+    from trainer.build import build_run
+    from trainer.checkpoint import load_checkpoint
+    from trainer.config import ConfigError, config_from_dict
+    from trainer.engine import evaluate
+
+    target = Path(target)
+    if target.is_dir():
+        folder = target / "checkpoints" if (target / "checkpoints").is_dir() else target
+        names = [f"{which}.pt"] if which else ["best.pt", "last.pt"]
+        found = [folder / n for n in names if (folder / n).is_file()]
+        if not found:
+            raise UsageError(f"'{target}' holds no {' or '.join(names)}; give a run folder or a checkpoint file")
+        path = found[0]
+    elif which:
+        raise UsageError("--best and --last pick a checkpoint in a run folder; give the folder, not a file")
+    else:
+        path = target
+    payload = load_checkpoint(path)
+    if split not in ("val", "test", "train"):
+        raise UsageError(f"unknown split '{split}'; accepted: val, test, train", key="--split")
+    try:
+        config = config_from_dict(payload["config"], source=f"the config inside {path}")
+    except (KeyError, ConfigError) as err:
+        raise UsageError(f"checkpoint '{path}' has no usable config: {err}") from None
+    built = build_run(config, device=device)
+    try:
+        built.model.load_state_dict(payload["model"])
+    except (KeyError, RuntimeError) as err:
+        raise UsageError(f"checkpoint '{path}' does not fit its model: {str(err).splitlines()[0]}") from None
+    batches = built.train_batches if split == "train" else built.val_batches
+    if batches is None or len(batches) == 0:
+        raise UsageError(f"the run has no validation split (data.val_fraction is 0); try --split train", key="--split")
+    metrics = evaluate(
+        built.model, batches, built.loss_fn, precision=built.precision, classification=built.settings.classification
+    )
+    step = payload.get("train_state", {}).get("step")
+    return {"checkpoint": str(path), "split": split, "step": step, "samples": batches.num_samples, **metrics}
 
 
 # ---------------------------------------------------------------------------------------------
