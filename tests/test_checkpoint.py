@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.checkpoint import atomic_save, load_checkpoint
+from trainer.checkpoint import atomic_link, atomic_save, load_checkpoint
 from trainer.errors import UsageError
 
 
@@ -205,3 +205,12 @@ def test_sigkill_during_writes_leaves_the_old_or_the_new_checkpoint(tmp_path):
     assert len(seen) > 10  # the writer really was overwriting the file between kills
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "last.pt"]
     assert all(name.startswith(".last.pt.") and name.endswith(".tmp") for name in leftovers)
+
+
+def test_best_linked_to_last_keeps_its_state_when_last_moves_on(tmp_path):
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    atomic_save({"step": 1}, last)
+    assert atomic_link(last, best)
+    atomic_save({"step": 2}, last)  # a new file under the old name
+    assert load_checkpoint(best)["step"] == 1 and load_checkpoint(last)["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]

@@ -113,6 +113,14 @@ def _logged(folder: Path) -> list[tuple]:
     return [(r["step"], r["split"], r["loss"], r.get("accuracy"), r.get("lr")) for r in rows]
 
 
+def _tensorboard(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in ("train/loss", "val/loss", "lr")}
+
+
 def _assert_same_run(a: Path, b: Path) -> None:
     import torch
 
@@ -125,6 +133,7 @@ def _assert_same_run(a: Path, b: Path) -> None:
             assert torch.equal(flat_a[key], flat_b[key]), (part, key)
     assert last_a["scheduler"] == last_b["scheduler"] or last_a["scheduler"] is not None
     assert _logged(a) == _logged(b)  # losses, accuracies and learning rates, bit for bit, no duplicates
+    assert _tensorboard(a) == _tensorboard(b)  # the resumed run's events were purged past the checkpoint
     summary_a = json.loads((a / "summary.json").read_text())
     summary_b = json.loads((b / "summary.json").read_text())
     assert summary_a["final"] == summary_b["final"] and summary_a["steps"] == summary_b["steps"]

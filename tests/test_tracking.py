@@ -142,9 +142,22 @@ def test_tensorboard_scalars_and_hparams_in_run_folder(tmp_path: Path) -> None:
     assert start.hparams["data.input_shape"].string_value == "[1, 32, 32]"
 
 
+def test_plain_lines_are_bounded_in_rate_but_each_epoch_ends_with_one(tmp_path: Path) -> None:
+    console, buf = plain_console()
+    with Tracker(tmp_path, console=console, plain_interval=3600) as tracker:
+        simulate(tracker, tmp_path)
+    train_lines = [line for line in buf.getvalue().splitlines() if "samples/s" in line]
+    # the first point, then nothing for an hour, except each epoch's last point
+    assert [line.split("  loss")[0] for line in train_lines] == [
+        "epoch 1/2  step 2/4", "epoch 1/2  step 4/4", "epoch 2/2  step 4/4"
+    ]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in rows if r["split"] == "train"]) == 4  # the files still get every point
+
+
 def test_plain_mode_prints_a_line_per_log_without_ansi(tmp_path: Path) -> None:
     console, buf = plain_console()
-    with Tracker(tmp_path, console=console) as tracker:
+    with Tracker(tmp_path, console=console, plain_interval=0) as tracker:
         simulate(tracker, tmp_path)
     out = buf.getvalue()
     assert not ANSI.search(out)

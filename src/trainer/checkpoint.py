@@ -35,6 +35,22 @@ def atomic_save(obj: Any, path: Path) -> None:
     _fsync_dir(path.parent)
 
 
+def atomic_link(source: Path, path: Path) -> bool:
+    """Make `path` a second name for `source`'s current contents, atomically; False where the
+    filesystem has no hard links. A later atomic_save to `source` makes a new file, so `path`
+    keeps what it linked (best.pt stays the best epoch while last.pt moves on)."""
+    tmp = path.with_name(f".{path.name}.link.tmp")
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(source, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        return False
+    _fsync_dir(path.parent)
+    return True
+
+
 def _fsync_dir(folder: Path) -> None:
     # the rename is durable only once the folder's entry is on disk (not possible on every OS)
     try:

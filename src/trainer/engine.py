@@ -82,6 +82,7 @@ def check_finite(running: dict[str, Any]) -> None:
     `running` is `TrainState.running`; the runner calls this before writing a checkpoint, so a
     NaN never overwrites the last good one.
     """
+    fold_pending(running)
     bad = running.get("nonfinite_at")
     step = int(bad.item()) if bad is not None else 0
     if step:
@@ -91,65 +92,83 @@ def check_finite(running: dict[str, Any]) -> None:
         )
 
 
-class Running:
-    """Sums kept on the device between log points, so the loop never waits for the GPU per step.
+def fold_pending(running: dict[str, Any]) -> None:
+    """Fold the losses of steps since the last fold into the window and epoch sums, on the device."""
+    pending = running.get("pending")
+    if not pending:
+        return
+    losses = torch.stack(pending).float()
+    total = losses.sum()
+    running["window_loss"] += total
+    running["epoch_loss"] += total
+    running["window_batches"] += len(pending)
+    running["epoch_batches"] += len(pending)
+    # the first step whose loss was not finite, found without a host sync
+    bad = ~torch.isfinite(losses)
+    first = running["pending_first_step"] + torch.argmax(bad.to(torch.uint8))
+    running["nonfinite_at"] = torch.where((running["nonfinite_at"] == 0) & bad.any(), first, running["nonfinite_at"])
+    running["pending_first_step"] += len(pending)
+    pending.clear()
 
-    They live in `TrainState.running`, so a checkpoint taken between log points resumes into
+
+class Running:
+    """The training loss kept on the device between log points, so the loop never waits per step.
+
+    Each step only appends its loss tensor to a list; the list is folded into the window and epoch
+    sums (and checked for non-finite values) at log points and epoch ends, in a few device ops. All
+    of it lives in `TrainState.running`, so a checkpoint taken between log points resumes into
     exactly the numbers the uninterrupted run would have logged.
     """
 
     def __init__(self, state: TrainState, device: torch.device) -> None:
-        self.values = state.running
-        zero = torch.zeros((), device=device)
+        v = self.values = state.running
         for name in ("window_loss", "epoch_loss", "grad_norm"):
-            self.values[name] = self.values.get(name, zero.clone()).to(device)
-        self.values["nonfinite_at"] = self.values.get("nonfinite_at", torch.zeros((), dtype=torch.long)).to(device)
+            v[name] = v.get(name, torch.zeros(())).to(device)
+        v["nonfinite_at"] = v.get("nonfinite_at", torch.zeros((), dtype=torch.long)).to(device)
+        v["pending"] = [t.to(device) for t in v.get("pending", [])]  # losses of steps not yet folded in
         for name in ("window_batches", "window_samples", "epoch_batches"):
-            self.values.setdefault(name, 0)
-        self.values.setdefault("window_first_step", state.step + 1)
+            v.setdefault(name, 0)
+        v.setdefault("pending_first_step", state.step + 1)
+        self.pending: list[torch.Tensor] = v["pending"]
         self.window_started = time.perf_counter()
         self.clipping = False  # whether pre-clip gradient norms are being collected
 
-    def add(self, loss: torch.Tensor, samples: int, step: int, grad_norm: torch.Tensor | None) -> None:
-        v = self.values
-        v["window_loss"] += loss
-        v["epoch_loss"] += loss
-        v["window_batches"] += 1
-        v["epoch_batches"] += 1
-        v["window_samples"] += samples
-        # remember the first step whose loss was not finite, still without a host sync
-        first_bad = (v["nonfinite_at"] == 0) & ~torch.isfinite(loss)
-        v["nonfinite_at"] = torch.where(first_bad, torch.full_like(v["nonfinite_at"], step), v["nonfinite_at"])
+    def add(self, loss: torch.Tensor, samples: int, grad_norm: torch.Tensor | None) -> None:
+        """Record one step; no device op beyond the gradient-norm max when clipping."""
+        self.pending.append(loss)
+        self.values["window_samples"] += samples
         if grad_norm is not None:
             self.clipping = True
-            v["grad_norm"] = torch.maximum(v["grad_norm"], grad_norm.detach().float())
+            self.values["grad_norm"] = torch.maximum(self.values["grad_norm"], grad_norm.detach().float())
 
-    def read_window(self, step: int) -> dict[str, float]:
+    def read_window(self) -> dict[str, float]:
         """The mean loss (and max pre-clip gradient norm) since the last log point; then start a new window."""
+        fold_pending(self.values)
         v = self.values
         loss = (v["window_loss"] / max(v["window_batches"], 1)).item()
         if not math.isfinite(loss):
-            check_finite(self.values)
+            check_finite(v)
         elapsed = time.perf_counter() - self.window_started
         out = {"loss": loss, "samples_per_s": v["window_samples"] / elapsed if elapsed > 0 else 0.0}
         if self.clipping:
             out["grad_norm"] = v["grad_norm"].item()
+            v["grad_norm"].zero_()
         v["window_loss"].zero_()
-        v["grad_norm"].zero_()
         v["window_batches"] = v["window_samples"] = 0
-        v["window_first_step"] = step + 1
         self.window_started = time.perf_counter()
         return out
 
     def read_epoch(self) -> float | None:
         """The epoch's mean training loss; then start a new epoch."""
+        fold_pending(self.values)
         v = self.values
         mean = (v["epoch_loss"] / v["epoch_batches"]).item() if v["epoch_batches"] else None
         if mean is not None and not math.isfinite(mean):
-            check_finite(self.values)
+            check_finite(v)
         v["epoch_loss"].zero_()
         v["epoch_batches"] = 0
         return mean
+
 
 
 @dataclass
@@ -224,12 +243,12 @@ def train_epoch(
         state.step += 1
         state.batch_in_epoch += 1
 
-        # accumulate on the device: no host sync between log points
-        running.add(loss.detach().float(), targets.shape[0], state.step, grad_norm)
+        # keep the loss on the device: no host sync between log points
+        running.add(loss.detach(), targets.shape[0], grad_norm)
 
         # log
         if state.step % settings.log_every == 0 or state.step == last_step:
-            window = running.read_window(state.step)
+            window = running.read_window()
             if tracker is not None:
                 tracker.log_train(
                     step=state.step, epoch=state.epoch + 1, step_in_epoch=state.batch_in_epoch,

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from trainer import __version__
 from trainer.errors import TrainingFailed, UsageError
@@ -140,13 +140,14 @@ class RunResult:
 _STOP_AT_STEP = "TRAINER_STOP_AT_STEP"
 
 
-def _injected_stop(step: int) -> None:
-    spec = os.environ.get(_STOP_AT_STEP)
-    if not spec:
-        return
+def _injected_stop() -> Callable[[int], None]:
+    """The test aid as a per-step check (read once: the loop must not consult the environment each step)."""
+    spec = os.environ.get(_STOP_AT_STEP, "")
     at, _, name = spec.partition(":")
-    if int(at) == step:
-        os.kill(os.getpid(), getattr(signal, name or "SIGTERM"))
+    if not at.isdigit():
+        return lambda step: None
+    target, signum = int(at), getattr(signal, name or "SIGTERM")
+    return lambda step: os.kill(os.getpid(), signum) if step == target else None
 
 
 def execute_run(
@@ -159,6 +160,7 @@ def execute_run(
     console: Any = None,
     resume: str | Path | None = None,
     force: bool = False,
+    tensorboard: bool = True,
 ) -> RunResult:
     """Build and train one config, writing its run folder (or continuing one, with `resume`).
 
@@ -197,7 +199,10 @@ def execute_run(
     started = time.perf_counter()
     # an explicit --run-dir is not under a runs root, so the hint names the folder itself
     logdir = Path(root) if folder.parent.parent == Path(root) else folder
-    tracker = Tracker(folder, console=console, quiet=quiet, tensorboard_logdir=logdir, resume_step=state.step)
+    tracker = Tracker(
+        folder, console=console, quiet=quiet, tensorboard=tensorboard, tensorboard_logdir=logdir, resume_step=state.step
+    )
+    train_seconds = 0.0
     with StopRequests() as stop:
         try:
             tracker.run_started(
@@ -216,9 +221,10 @@ def execute_run(
             if state.step:
                 tracker.message(f"resumed from {checkpoint} at step {state.step} (epoch {state.epoch + 1})")
             checkpoints = Checkpoints(built, folder / "checkpoints")
+            injected_stop = _injected_stop()
 
             def after_step(state: TrainState) -> None:
-                _injected_stop(state.step)
+                injected_stop(state.step)
                 # at an epoch's last batch the epoch-end hook below saves and stops, after validation
                 if state.batch_in_epoch >= steps_per_epoch:
                     return
@@ -234,11 +240,13 @@ def execute_run(
                 if stop.signum is not None and state.step < last_step:
                     raise Stopped(stop.signum)
 
+            fit_started = time.perf_counter()
             fit(
                 built.model, built.train_batches, built.val_batches, built.loss_fn, built.optimizer, settings,
                 precision=built.precision, scheduler=built.scheduler, scaler=built.scaler, tracker=tracker,
                 state=state, after_step=after_step, on_epoch_end=on_epoch_end,
             )  # fmt: skip
+            train_seconds = time.perf_counter() - fit_started
             status, exit_code = "completed", 0
         except KeyboardInterrupt:
             status, error, exit_code = "interrupted", "stopped at once by a second SIGINT", 128 + signal.SIGINT
@@ -252,6 +260,7 @@ def execute_run(
         finally:
             seconds = time.perf_counter() - started
             summary = _summary(status, error, state, seconds, built)
+            summary["train_time_s"] = round(train_seconds, 4)  # the loop alone: epochs, validation, checkpoints
             write_json(folder / "summary.json", summary)
             if status == "completed":
                 tracker.log_hparams(_hparams(built.config), {f"best/{k}": v for k, v in summary["best"].items()})
@@ -274,20 +283,26 @@ class Checkpoints:
         train = built.config.train
         self.monitor = train.monitor
         self.mode = train.mode or ("max" if "accuracy" in train.monitor else "min")
+        self.last_saved_step: int | None = None
         # a process killed mid-save (SIGKILL, power loss) leaves its temporary file; only one run writes here
         for stale in folder.glob(".*.pt.*.tmp") if folder.is_dir() else []:
             stale.unlink(missing_ok=True)
 
     def _save(self, state: Any, name: str) -> None:
-        from trainer.checkpoint import atomic_save, training_state
+        from trainer.checkpoint import atomic_link, atomic_save, training_state
         from trainer.engine import check_finite
 
         check_finite(state.running)  # a non-finite loss must not overwrite the last good checkpoint
         path = self.folder / name
         try:
+            # last.pt already holds this very state (the epoch end saves it first): link, don't write again
+            if name != "last.pt" and self.last_saved_step == state.step and atomic_link(self.folder / "last.pt", path):
+                return
             atomic_save(training_state(self.built, state), path)
         except OSError as err:
             raise TrainingFailed(f"cannot write checkpoint '{path}': {err.strerror or err}; the previous one is intact") from None
+        if name == "last.pt":
+            self.last_saved_step = state.step
 
     def save_last(self, state: Any) -> None:
         self._save(state, "last.pt")

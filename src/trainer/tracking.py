@@ -159,6 +159,7 @@ class Tracker:
         tensorboard: write a TensorBoard event file into ``run_dir``.
         jsonl: append one JSON object per logged point to ``run_dir/metrics.jsonl``.
         refresh_per_second: upper bound on the live display's redraw rate.
+        plain_interval: the least seconds between two plain-mode train lines (files get every point).
         resume_step: the step a resumed run continues after: points logged past it by the
             interrupted run are dropped from metrics.jsonl and purged from TensorBoard.
         tensorboard_logdir: the folder the final hint names (default: the run folder's grandparent,
@@ -178,6 +179,7 @@ class Tracker:
         refresh_per_second: float = 4,
         tensorboard_logdir: Path | None = None,
         resume_step: int = 0,
+        plain_interval: float = 1.0,
     ) -> None:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         # what the final hint tells the user to pass to `tensorboard --logdir`
@@ -197,6 +199,8 @@ class Tracker:
         self._last_step = 0
         self._last_val: tuple[int, dict[str, float]] | None = None
         self._logged_in_epoch = False  # epoch lines follow the log interval, so tiny epochs don't flood
+        self.plain_interval = plain_interval
+        self._last_plain_line = -math.inf
 
         self._file: IO[str] | None = None
         self._writer: SummaryWriter | None = None
@@ -385,6 +389,12 @@ class Tracker:
                     eta=self._eta(step_in_epoch),
                 )
             return
+        # plain lines are bounded like the live display's refresh: a fast model logging every 10
+        # steps would otherwise spend its time printing (the epoch's last point always prints)
+        now = time.perf_counter()
+        if now - self._last_plain_line < self.plain_interval and step_in_epoch != self._steps:
+            return
+        self._last_plain_line = now
         epochs = f"/{self._epochs}" if self._epochs else ""
         steps = f"/{self._steps}" if self._steps else ""
         self._line(

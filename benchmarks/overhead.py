@@ -1,0 +1,289 @@
+"""How much does `trainer` cost next to a hand-written loop?
+
+    python benchmarks/overhead.py                  # 5 rounds, 2000 steps, all models: a few minutes
+    python benchmarks/overhead.py --rounds 9 --steps 4000 --models lenet
+
+Trains the same model on the same in-memory data with the same seed, alternating the variants in
+every round (each run in a fresh process, so one variant's memory or warm caches do not help the next):
+
+  slicing     a hand-written loop that slices batches from tensors with a seeded permutation
+  dataloader  a hand-written loop over DataLoader(TensorDataset)
+  trainer     `trainer` with its console (plain mode, to /dev/null) and TensorBoard on, log_every 10
+  quiet       `trainer` with console and TensorBoard off
+  lightning   PyTorch Lightning with its TensorBoard logger and progress bar, when it is installed
+
+and prints the median steps/s of the training loop, the spread (min-max over rounds), the ratio
+to `slicing`, and the peak resident memory of the process. Then it times `trainer --help`, a
+one-step `trainer run` and `python -c "import torch"` as whole commands, alternating, and prints
+their medians. Models, at batch 64: linear regression (1 -> 1), an MLP 784-128-10, LeNet-5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BATCH = 64
+MODELS = {
+    # name: (trainer model config, input shape, classes or None for regression)
+    "linreg": ({"name": "linear_regression"}, (1,), None),
+    "mlp": ({"name": "mlp", "hidden": 128}, (784,), 10),
+    "lenet": ({"name": "lenet"}, (1, 32, 32), 10),
+}
+VARIANTS = ["slicing", "dataloader", "trainer", "quiet", "lightning"]
+SAMPLES = 64 * 250  # 250 steps per epoch
+
+
+def make_data(model: str, seed: int = 0):
+    import torch
+
+    _, shape, classes = MODELS[model]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(SAMPLES, *shape, generator=g)
+    y = torch.randint(classes, (SAMPLES,), generator=g) if classes else torch.randn(SAMPLES, 1, generator=g)
+    return x, y
+
+
+def build_model(model: str):
+    from trainer.models import MODELS as REGISTRY
+
+    config, _, classes = MODELS[model]
+    kwargs = {k: v for k, v in config.items() if k != "name"}
+    if model == "mlp":
+        kwargs.update(in_features=784, out_features=10)
+    return REGISTRY.build(config["name"], **kwargs)
+
+
+def loss_for(model: str):
+    import torch
+
+    return torch.nn.CrossEntropyLoss() if MODELS[model][2] else torch.nn.MSELoss()
+
+
+# ---------------------------------------------------------------------------------------------
+# the variants: each returns the seconds its training loop took for `steps` optimizer steps
+
+
+def run_slicing(model: str, steps: int) -> float:
+    import torch
+
+    torch.manual_seed(0)
+    x, y = make_data(model)
+    net, loss_fn = build_model(model), loss_for(model)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    done, epoch = 0, 0
+    start = time.perf_counter()
+    while done < steps:
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
+        for i in range(0, len(x), BATCH):
+            idx = perm[i : i + BATCH]
+            loss = loss_fn(net(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            done += 1
+            if done == steps:
+                break
+        epoch += 1
+    loss.item()  # wait for the device, as the others do at their end
+    return time.perf_counter() - start
+
+
+def run_dataloader(model: str, steps: int) -> float:
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    x, y = make_data(model)
+    net, loss_fn = build_model(model), loss_for(model)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    loader = DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True)
+    done = 0
+    start = time.perf_counter()
+    while done < steps:
+        for xb, yb in loader:
+            loss = loss_fn(net(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            done += 1
+            if done == steps:
+                break
+    loss.item()
+    return time.perf_counter() - start
+
+
+def run_trainer(model: str, steps: int, *, quiet: bool) -> float:
+    from rich.console import Console
+
+    from trainer.config import config_from_dict
+    from trainer.runs import execute_run
+
+    config, shape, classes = MODELS[model]
+    data = {"name": "random", "size": SAMPLES, "input_shape": list(shape), "batch_size": BATCH, "val_fraction": 0}
+    data.update({"num_classes": classes} if classes else {"target_shape": [1]})
+    cfg = config_from_dict(
+        {
+            "name": f"bench-{model}",
+            "model": config,
+            "data": data,
+            "loss": {"name": "cross_entropy" if classes else "mse"},
+            "optimizer": {"name": "sgd", "lr": 0.01},
+            "train": {"max_steps": steps},
+        }
+    )
+    with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as devnull:
+        result = execute_run(
+            cfg, root=Path(tmp), quiet=quiet, tensorboard=not quiet, console=Console(file=devnull, force_terminal=False)
+        )
+    assert result.status == "completed", result.error
+    return result.summary["train_time_s"]
+
+
+def run_lightning(model: str, steps: int) -> float:
+    import lightning as L  # noqa: N812
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    x, y = make_data(model)
+    net, loss_fn = build_model(model), loss_for(model)
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def training_step(self, batch, batch_idx):
+            xb, yb = batch
+            loss = loss_fn(self.net(xb), yb)
+            self.log("train_loss", loss, prog_bar=True)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, default_root_dir=tmp,
+                            enable_checkpointing=False, log_every_n_steps=10)  # fmt: skip
+        loader = DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True)
+        start = time.perf_counter()
+        trainer.fit(Module(), loader)
+        return time.perf_counter() - start
+
+
+def child(variant: str, model: str, steps: int) -> None:
+    """One measured run in this process; prints one JSON line."""
+    runner = {
+        "slicing": lambda: run_slicing(model, steps),
+        "dataloader": lambda: run_dataloader(model, steps),
+        "trainer": lambda: run_trainer(model, steps, quiet=False),
+        "quiet": lambda: run_trainer(model, steps, quiet=True),
+        "lightning": lambda: run_lightning(model, steps),
+    }[variant]
+    seconds = runner()
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"steps_per_s": steps / seconds, "peak_mb": peak_mb}))
+
+
+# ---------------------------------------------------------------------------------------------
+# the driver
+
+
+def lightning_installed() -> bool:
+    try:
+        import lightning  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def measure(variant: str, model: str, steps: int) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", variant, model, "--steps", str(steps)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if out.returncode != 0:
+        raise SystemExit(f"{variant} on {model} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def time_command(args: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(args, capture_output=True, check=True)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--child", nargs=2, metavar=("VARIANT", "MODEL"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child[0], args.child[1], args.steps)
+        return
+
+    import torch
+
+    variants = [v for v in VARIANTS if v != "lightning" or lightning_installed()]
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, threads {torch.get_num_threads()}; "
+          f"{args.rounds} rounds x {args.steps} steps, batch {BATCH}; lightning: "
+          f"{'yes' if 'lightning' in variants else 'not installed'}")  # fmt: skip
+    models = args.models.split(",")
+    results: dict[tuple[str, str], list[dict]] = {}
+    for r in range(args.rounds):
+        for model in models:
+            order = variants[r % len(variants) :] + variants[: r % len(variants)]  # rotate the order each round
+            for variant in order:
+                results.setdefault((model, variant), []).append(measure(variant, model, args.steps))
+        print(f"  round {r + 1}/{args.rounds} done", file=sys.stderr)
+
+    print(f"\n| model | variant | steps/s (median) | spread (min-max) | vs slicing | peak MB |")
+    print("|---|---|---|---|---|---|")
+    for model in models:
+        base = statistics.median(m["steps_per_s"] for m in results[(model, "slicing")])
+        for variant in variants:
+            runs = results[(model, variant)]
+            rates = [m["steps_per_s"] for m in runs]
+            median = statistics.median(rates)
+            peak = statistics.median(m["peak_mb"] for m in runs)
+            print(f"| {model} | {variant} | {median:,.0f} | {min(rates):,.0f}-{max(rates):,.0f} | "
+                  f"{median / base:.3f}x | {peak:,.0f} |")  # fmt: skip
+
+    # start-up, as whole commands
+    trainer_exe = str(Path(sys.executable).with_name("trainer"))
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "one_step.yaml"
+        config.write_text(
+            "model: {name: linear_regression}\n"
+            "data: {name: random, size: 64, input_shape: [1], target_shape: [1], val_fraction: 0}\n"
+            "loss: {name: mse}\noptimizer: {name: sgd}\ntrain: {max_steps: 1}\n"
+        )
+        commands = {
+            "python -c 'import torch'": [sys.executable, "-c", "import torch"],
+            "trainer --help": [trainer_exe, "--help"],
+            "trainer run (one step)": [trainer_exe, "run", str(config), "-q", "--runs-root", str(Path(tmp) / "runs")],
+        }
+        times: dict[str, list[float]] = {name: [] for name in commands}
+        for _ in range(args.rounds):
+            for name, command in commands.items():
+                times[name].append(time_command(command))
+    base = statistics.median(times["python -c 'import torch'"])
+    print("\n| command | seconds (median) | vs import torch |")
+    print("|---|---|---|")
+    for name, values in times.items():
+        print(f"| `{name}` | {statistics.median(values):.3f} | {statistics.median(values) / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
