@@ -128,3 +128,12 @@ def test_a_broadcasting_regression_loss_is_a_mismatch():
 def test_batch_larger_than_the_data_still_trains_one_partial_batch():
     run = built(data={"name": "random", "size": 10, "input_shape": [4], "target_shape": [2], "batch_size": 64, "val_fraction": 0})
     assert len(run.train_batches) == 1
+
+
+def test_an_explicit_monitor_must_exist():
+    no_val = {"name": "random", "size": 32, "input_shape": [4], "target_shape": [2], "batch_size": 8, "val_fraction": 0}
+    with pytest.raises(UsageError, match="train.monitor: 'val_loss' needs a validation split"):
+        built(data=no_val, train={"monitor": "val_loss"})
+    with pytest.raises(UsageError, match="train.monitor: 'val_accuracy' needs class labels"):
+        built(train={"monitor": "val_accuracy"})
+    assert built(data=no_val).config.train.monitor is None  # the default follows the data

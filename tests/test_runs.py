@@ -306,3 +306,26 @@ def test_a_checkpoint_save_that_fails_names_the_path_and_keeps_the_old_one(cli, 
     assert f"cannot write checkpoint '{checkpoints / 'last.pt'}'" in result.stderr
     assert (checkpoints / "last.pt").read_bytes() == before
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best.pt", "last.pt"]  # no stray temporary file
+
+
+def test_resume_refuses_what_it_cannot_continue(cli, tmp_path, write_config, tiny):
+    import torch
+
+    config = write_config(tiny(scheduler={"name": "cosine"}))
+    folder = tmp_path / cli("run", config, "-q").stdout.strip()
+    # a checkpoint outside a run folder: the resumed run would have no folder of its own
+    loose = tmp_path / "loose.pt"
+    loose.write_bytes((folder / "checkpoints" / "last.pt").read_bytes())
+    outside = cli("run", config, "--resume", loose)
+    assert outside.code == 2 and "is not inside a run folder" in outside.stderr
+    # a .pt that loads but is not a trainer checkpoint
+    torch.save([torch.zeros(2)], folder / "checkpoints" / "other.pt")
+    other = cli("run", config, "--resume", folder / "checkpoints" / "other.pt")
+    assert other.code == 2 and "is not a trainer checkpoint" in other.stderr
+    # a longer budget would leave the cosine schedule's T_max behind
+    longer = cli("resume", folder, "train.epochs=4")
+    assert longer.code == 2 and "T_max=2" in longer.stderr and "--force" in longer.stderr
+    # a changed learning rate would be silently replaced by the optimizer's restored state
+    new_lr = cli("resume", folder, "optimizer.lr=0.5")
+    assert new_lr.code == 2 and "optimizer.lr: 0.01 in the checkpoint, 0.5 now" in new_lr.stderr
+    assert "Traceback" not in outside.output + other.output + longer.output + new_lr.output

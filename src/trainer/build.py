@@ -19,7 +19,7 @@ from trainer.config import DEFAULT_EPOCHS, Config
 from trainer.data import DATASETS, DataInfo, build_data
 from trainer.device import Precision, resolve_device, resolve_precision
 from trainer.engine import LoopSettings, seed_everything
-from trainer.errors import UsageError
+from trainer.errors import UsageError, first_line
 from trainer.models import MODELS, infer_model_kwargs
 from trainer.registry import RegistryError
 
@@ -43,50 +43,6 @@ class Built:
     settings: LoopSettings
 
 
-# what torch's constructors call an argument in their messages, when it is not the argument's name
-_ARGUMENT_WORDS = {"learning rate": "lr", "beta": "betas", "epsilon": "eps", "momentum": "momentum"}
-
-
-def _refusal(kind: str, name: str, kwargs: dict[str, Any], err: Exception) -> tuple[str, str]:
-    """(dotted key, message) for a constructor that refused its arguments (lr=-1, betas out of range)."""
-    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    lowered = text.lower()
-    named = [arg for arg in kwargs if arg.lower() in lowered]
-    named += [arg for word, arg in _ARGUMENT_WORDS.items() if word in lowered and arg in kwargs and arg not in named]
-    key = f"{kind}.{named[0]}" if len(named) == 1 else kind
-    given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "its defaults"
-    return key, f"{name}() refused {given}: {text}"
-
-
-def constructor_problem(section: str, name: str, kwargs: dict[str, Any]) -> tuple[str, str] | None:
-    """Build a loss, optimizer, scheduler or model on stand-ins, so that values its constructor refuses
-    (a negative lr, betas out of range, a negative layer size) are reported with the other config problems.
-
-    Returns (dotted key, message), or None when the constructor accepts the arguments.
-    """
-    probe = nn.Parameter(torch.zeros(2, 2))  # 2-D: some optimizers (muon) only take matrices
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # deprecation warnings show once, when the real run builds it
-        return _try_construct(section, name, kwargs, probe)
-
-
-def _try_construct(section: str, name: str, kwargs: dict[str, Any], probe: nn.Parameter) -> tuple[str, str] | None:
-    try:
-        if section == "loss":
-            LOSSES.build(name, **kwargs)
-        elif section == "optimizer":
-            OPTIMIZERS.build(name, [probe], **kwargs)
-        elif section == "scheduler":
-            kwargs = {k: v for k, v in kwargs.items() if k != "interval"}
-            fills = schedule_length_kwargs(name, kwargs, interval="epoch", epochs=1, total_steps=1)
-            SCHEDULERS.build(name, torch.optim.SGD([probe], lr=0.1), **kwargs, **fills)
-        elif section == "model":
-            MODELS.build(name, **kwargs)
-    except (ValueError, TypeError, RuntimeError, KeyError, IndexError, ZeroDivisionError, OverflowError, MemoryError) as err:
-        return _refusal(section, name, kwargs, err)
-    return None
-
-
 def _component(kind: str, name: str, build: Any) -> Any:
     # the config check already tried these constructors; sizes read off the data may still be refused
     try:
@@ -94,8 +50,7 @@ def _component(kind: str, name: str, build: Any) -> Any:
     except RegistryError as err:
         raise UsageError(str(err), key=f"{kind}.{err.key}" if err.key else kind) from None
     except (ValueError, TypeError, RuntimeError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UsageError(f"{name}() refused its arguments: {first}", key=kind) from None
+        raise UsageError(f"{name}() refused its arguments: {first_line(err)}", key=kind) from None
 
 
 def build_run(config: Config, *, device: str | None = None) -> Built:
@@ -170,6 +125,18 @@ def build_run(config: Config, *, device: str | None = None) -> Built:
             "scheduler", sched.name, lambda: SCHEDULERS.build(sched.name, optimizer, **{**sched.kwargs, **fills})
         )
 
+    monitor = config.train.monitor or ""
+    if monitor.startswith("val_") and val_batches is None:
+        raise UsageError(
+            f"'{monitor}' needs a validation split, and data.val_fraction is 0; use train_loss or set data.val_fraction",
+            key="train.monitor",
+        )
+    if monitor == "val_accuracy" and info.task != "classification":
+        raise UsageError(
+            f"'{monitor}' needs class labels, and data '{config.data.name}' gives regression targets; use val_loss",
+            key="train.monitor",
+        )
+
     settings = LoopSettings(
         epochs=epochs,
         max_steps=train.max_steps,
@@ -233,7 +200,7 @@ def _dtype(t: torch.Tensor) -> str:
 def _mismatch_message(built: Built, err: Exception, inputs: torch.Tensor, targets: torch.Tensor, outputs: Any) -> str:
     config, info = built.config, built.info
     model_name, loss_name, data_name = config.model.name, config.loss.name, config.data.name
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    first = first_line(err)
     if outputs is None:  # the forward pass failed
         expected = MODELS.get(model_name).info.get("input_shape")
         hint = ""

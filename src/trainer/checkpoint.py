@@ -122,6 +122,12 @@ def restore(built: Any, payload: dict[str, Any], path: Path) -> Any:
     """Load a checkpoint's states into the built run; returns its TrainState. RNGs are restored last."""
     from trainer.engine import TrainState
 
+    order = payload.get("data_order", {})
+    if order.get("num_samples") not in (None, built.train_batches.num_samples):
+        raise UsageError(
+            f"checkpoint '{path}' was trained on {order['num_samples']} training samples, the data now gives "
+            f"{built.train_batches.num_samples}: the data changed, so the data order cannot continue"
+        )
     try:
         built.model.load_state_dict(payload["model"])
         built.optimizer.load_state_dict(payload["optimizer"])

@@ -254,7 +254,11 @@ def _print_registry(kind: str) -> None:
         name = entry.name + (f" ({', '.join(aliases)})" if aliases else "")
         if kind == "models":
             shape = entry.info.get("input_shape")
-            table.add_row(name, "x".join(map(str, shape)) if shape else "any", f"{count_parameters(entry.factory()):,}", entry.description)
+            try:
+                params = f"{count_parameters(entry.factory()):,}"
+            except Exception:  # a plugin model that needs arguments to build
+                params = "?"
+            table.add_row(name, "x".join(map(str, shape)) if shape else "any", params, entry.description)
         else:
             table.add_row(name, entry.description)
     Console().print(table)

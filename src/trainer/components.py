@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import inspect
 import re
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
+from trainer.errors import first_line
 from trainer.registry import Registry
 
 LOSSES = Registry("loss", plural="losses")
@@ -108,3 +110,52 @@ def schedule_length_kwargs(name: str, given: dict[str, Any], *, interval: str, e
 def is_plateau(scheduler: Any) -> bool:
     """ReduceLROnPlateau is stepped with a metric, not on its own."""
     return isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+
+
+# ---------------------------------------------------------------------------------------------
+# trying constructors during the config check
+
+# what torch's constructors call an argument in their messages, when it is not the argument's name
+_ARGUMENT_WORDS = {"learning rate": "lr", "beta": "betas", "epsilon": "eps", "momentum": "momentum"}
+
+
+def _refusal(kind: str, name: str, kwargs: dict[str, Any], err: Exception) -> tuple[str, str]:
+    """(dotted key, message) for a constructor that refused its arguments (lr=-1, betas out of range)."""
+    text = first_line(err)
+    lowered = text.lower()
+    named = [arg for arg in kwargs if arg.lower() in lowered]
+    named += [arg for word, arg in _ARGUMENT_WORDS.items() if word in lowered and arg in kwargs and arg not in named]
+    key = f"{kind}.{named[0]}" if len(named) == 1 else kind
+    given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "its defaults"
+    return key, f"{name}() refused {given}: {text}"
+
+
+def constructor_problem(section: str, name: str, kwargs: dict[str, Any]) -> tuple[str, str] | None:
+    """Build a loss, optimizer, scheduler or model on stand-ins, so that values its constructor refuses
+    (a negative lr, betas out of range, a negative layer size) are reported with the other config problems.
+
+    Returns (dotted key, message), or None when the constructor accepts the arguments.
+    """
+    probe = nn.Parameter(torch.zeros(2, 2))  # 2-D: some optimizers (muon) only take matrices
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecation warnings show once, when the real run builds it
+        return _try_construct(section, name, kwargs, probe)
+
+
+def _try_construct(section: str, name: str, kwargs: dict[str, Any], probe: nn.Parameter) -> tuple[str, str] | None:
+    try:
+        if section == "loss":
+            LOSSES.build(name, **kwargs)
+        elif section == "optimizer":
+            OPTIMIZERS.build(name, [probe], **kwargs)
+        elif section == "scheduler":
+            kwargs = {k: v for k, v in kwargs.items() if k != "interval"}
+            fills = schedule_length_kwargs(name, kwargs, interval="epoch", epochs=1, total_steps=1)
+            SCHEDULERS.build(name, torch.optim.SGD([probe], lr=0.1), **kwargs, **fills)
+        elif section == "model":
+            from trainer.models import MODELS
+
+            MODELS.build(name, **kwargs)
+    except (ValueError, TypeError, RuntimeError, KeyError, IndexError, ZeroDivisionError, OverflowError, MemoryError) as err:
+        return _refusal(section, name, kwargs, err)
+    return None

@@ -71,7 +71,7 @@ class TrainConfig(BaseModel):
     log_every: int = Field(10, gt=0)  # optimizer steps between train-loss points (console, TensorBoard, metrics.jsonl)
     grad_clip: float | None = Field(None, gt=0)  # max L2 norm of all gradients; null: no clipping
     checkpoint_every: int | None = Field(None, gt=0)  # optimizer steps between saves of last.pt (also at every epoch end)
-    monitor: Literal["val_loss", "val_accuracy", "train_loss"] = "val_loss"  # best.pt's metric; train_loss without validation
+    monitor: Literal["val_loss", "val_accuracy", "train_loss"] | None = None  # best.pt's metric; null: val_loss, or train_loss without validation
     mode: Literal["min", "max"] | None = None  # best is the min or max of `monitor`; null: max for accuracy, else min
 
 
@@ -464,7 +464,7 @@ def _component_problems(data: dict[str, Any], renamed: set[str] = frozenset()) -
                 Problem(f"{section}.{arg}", f"{entry.name}() needs argument '{arg}'; add `{arg}: ...` under {section}")
             )
         if not arg_problems and not missing:
-            from trainer.build import constructor_problem
+            from trainer.components import constructor_problem
 
             refused = constructor_problem(section, name, coerced)
             if refused is not None:

@@ -22,6 +22,7 @@ import inspect
 import math
 import os
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -170,6 +171,12 @@ class _EpochSampler(Sampler[int]):
         return max(0, self.n - self.start)
 
 
+def _ignore_sigint(worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group; the main process finishes its step and saves a
+    # checkpoint, which needs the workers alive (they would exit on KeyboardInterrupt)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class LoaderBatches:
     """DataLoader path for datasets that are not tensors in memory (image_folder). Same interface as
     TensorBatches, and the same order for the same seed: a sampler that yields the same permutation."""
@@ -217,6 +224,7 @@ class LoaderBatches:
                 pin_memory=self._cuda,
                 # the workers' base seed would otherwise be drawn from (and advance) the global RNG
                 generator=torch.Generator().manual_seed(self._sampler.seed),
+                worker_init_fn=_ignore_sigint,
             )
         return self._loader
 

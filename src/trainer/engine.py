@@ -82,9 +82,15 @@ def check_finite(running: dict[str, Any]) -> None:
     `running` is `TrainState.running`; the runner calls this before writing a checkpoint, so a
     NaN never overwrites the last good one.
     """
-    fold_pending(running)
     bad = running.get("nonfinite_at")
     step = int(bad.item()) if bad is not None else 0
+    pending = running.get("pending")
+    if not step and pending:
+        # look at the losses not folded in yet without folding them: a fold here would change
+        # the order of the float sums, and a resumed run would log different numbers
+        not_finite = ~torch.isfinite(torch.stack(pending).float())
+        if bool(not_finite.any()):
+            step = running["pending_first_step"] + int(torch.argmax(not_finite.to(torch.uint8)))
     if step:
         raise TrainingFailed(
             f"the training loss is not finite at step {step}; "

@@ -26,5 +26,11 @@ class DeviceError(UsageError):
     """A device or precision this machine cannot give."""
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (torch appends C++ frames), or its type's name."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
 class TrainingFailed(Exception):
     """A run that failed while training (a non-finite loss, say). Exit code 1."""

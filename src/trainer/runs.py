@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from trainer import __version__
-from trainer.errors import TrainingFailed, UsageError
+from trainer.errors import TrainingFailed, UsageError, first_line
 
 RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "env.json")
 
@@ -182,8 +182,13 @@ def execute_run(
         if run_dir is not None:
             raise UsageError("--run-dir and --resume do not go together: a resumed run continues in its own folder")
         checkpoint, payload = find_checkpoint(resume, name=built.config.name, root=root)
-        refuse_changed_run(payload.get("config", {}), built.config.model_dump(mode="json"), checkpoint, force=force)
         folder = checkpoint.parent.parent
+        if checkpoint.parent.name != "checkpoints" or not (folder / "config.yaml").is_file():
+            raise UsageError(
+                f"--resume '{checkpoint}' is not inside a run folder (<run>/checkpoints/*.pt); "
+                "a resumed run continues in the folder it came from"
+            )
+        refuse_changed_run(payload["config"], built.config.model_dump(mode="json"), checkpoint, force=force)
         state = restore(built, payload, checkpoint)
         _note_resume(folder, checkpoint, state.step)
     else:
@@ -225,8 +230,8 @@ def execute_run(
 
             def after_step(state: TrainState) -> None:
                 injected_stop(state.step)
-                # at an epoch's last batch the epoch-end hook below saves and stops, after validation
-                if state.batch_in_epoch >= steps_per_epoch:
+                # at an epoch's last batch (or the run's) the epoch-end hook below saves, after validation
+                if state.batch_in_epoch >= steps_per_epoch or state.step >= last_step:
                     return
                 every = built.config.train.checkpoint_every
                 if stop.signum is not None or (every and state.step % every == 0):
@@ -235,8 +240,10 @@ def execute_run(
                     raise Stopped(stop.signum)
 
             def on_epoch_end(state: TrainState, improved: set[str]) -> None:
+                is_best = checkpoints.record_best(state)  # first, so last.pt carries the new best value
                 checkpoints.save_last(state)
-                checkpoints.save_best_if_improved(state)
+                if is_best:
+                    checkpoints.save_best(state)
                 if stop.signum is not None and state.step < last_step:
                     raise Stopped(stop.signum)
 
@@ -281,8 +288,10 @@ class Checkpoints:
         self.built = built
         self.folder = folder
         train = built.config.train
-        self.monitor = train.monitor
-        self.mode = train.mode or ("max" if "accuracy" in train.monitor else "min")
+        # by default the val loss decides, or the train loss without validation (build_run refuses
+        # an explicit val_* monitor then)
+        self.monitor = train.monitor or ("val_loss" if built.val_batches is not None else "train_loss")
+        self.mode = train.mode or ("max" if "accuracy" in self.monitor else "min")
         self.last_saved_step: int | None = None
         # a process killed mid-save (SIGKILL, power loss) leaves its temporary file; only one run writes here
         for stale in folder.glob(".*.pt.*.tmp") if folder.is_dir() else []:
@@ -299,25 +308,28 @@ class Checkpoints:
             if name != "last.pt" and self.last_saved_step == state.step and atomic_link(self.folder / "last.pt", path):
                 return
             atomic_save(training_state(self.built, state), path)
-        except OSError as err:
-            raise TrainingFailed(f"cannot write checkpoint '{path}': {err.strerror or err}; the previous one is intact") from None
+        except (OSError, RuntimeError) as err:  # torch's zip writer reports a full disk as a RuntimeError
+            reason = getattr(err, "strerror", None) or first_line(err)
+            raise TrainingFailed(f"cannot write checkpoint '{path}': {reason}; the previous one is intact") from None
         if name == "last.pt":
             self.last_saved_step = state.step
 
     def save_last(self, state: Any) -> None:
         self._save(state, "last.pt")
 
-    def save_best_if_improved(self, state: Any) -> None:
-        """best.pt when the monitored metric is the best so far (train_loss when there is no validation)."""
-        latest = state.history[-1]
-        monitor = self.monitor if self.monitor in latest else "train_loss"
-        value = latest.get(monitor)
+    def record_best(self, state: Any) -> bool:
+        """Whether this epoch's monitored metric is the best so far; if so, remember its value."""
+        value = state.history[-1].get(self.monitor)
         if value is None:
-            return
+            return False
         best = state.best_checkpoint
         if best is None or (value > best if self.mode == "max" else value < best):
             state.best_checkpoint = value
-            self._save(state, "best.pt")
+            return True
+        return False
+
+    def save_best(self, state: Any) -> None:
+        self._save(state, "best.pt")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,7 +343,6 @@ def evaluate_checkpoint(target: Path, *, split: str = "val", which: str | None =
     `split`: "val" (the held-out split; for MNIST that is the test split), "test" (the same), or "train".
     """
     from trainer.build import build_run
-    from trainer.checkpoint import load_checkpoint
     from trainer.config import ConfigError, config_from_dict
     from trainer.engine import evaluate
 
@@ -347,7 +358,7 @@ def evaluate_checkpoint(target: Path, *, split: str = "val", which: str | None =
         raise UsageError("--best and --last pick a checkpoint in a run folder; give the folder, not a file")
     else:
         path = target
-    payload = load_checkpoint(path)
+    payload = _trainer_checkpoint(path)
     if split not in ("val", "test", "train"):
         raise UsageError(f"unknown split '{split}'; accepted: val, test, train", key="--split")
     try:
@@ -378,8 +389,6 @@ def find_checkpoint(spec: str | Path, *, name: str, root: Path) -> tuple[Path, d
 
     `auto` and a run folder pick the newest checkpoint that loads, skipping corrupt ones.
     """
-    from trainer.checkpoint import load_checkpoint
-
     spec_path = Path(spec)
     if str(spec) == "auto":
         candidates = sorted(Path(root).glob(f"{name}/*/checkpoints/*.pt"), key=_mtime, reverse=True)
@@ -389,35 +398,59 @@ def find_checkpoint(spec: str | Path, *, name: str, root: Path) -> tuple[Path, d
         candidates = sorted(folder.glob("*.pt"), key=_mtime, reverse=True)
         where = f"in {folder}"
     elif spec_path.exists():
-        return spec_path, load_checkpoint(spec_path)
+        return spec_path, _trainer_checkpoint(spec_path)
     else:
         raise UsageError(f"--resume '{spec}' does not exist; give a checkpoint file, a run folder or auto")
     skipped = []
     for candidate in candidates:
         try:
-            return candidate, load_checkpoint(candidate)
+            return candidate, _trainer_checkpoint(candidate)
         except UsageError as err:
             skipped.append(str(err))
     detail = "".join(f"\n  skipped: {s}" for s in skipped)
     raise UsageError(f"no checkpoint that loads {where}{detail}")
 
 
+def _trainer_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint this version of trainer wrote (any .pt that loads is not one)."""
+    from trainer.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
+
+    payload = load_checkpoint(path)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT or "config" not in payload:
+        raise UsageError(f"checkpoint '{path}' is not a trainer checkpoint (format {CHECKPOINT_FORMAT})")
+    return payload
+
+
 def _mtime(path: Path) -> float:
     return path.stat().st_mtime
 
 
-# the parts of a config that make a resumed run a different run
-_RUN_DEFINING = ("seed", "model", "data")
+# the parts of a config that make a resumed run a different run; a longer budget does not, except
+# for a schedule whose length was fixed from the old budget (its restored state keeps that length)
+_RUN_DEFINING = ("seed", "model", "data", "loss", "optimizer", "scheduler", "precision")
+_SCHEDULE_LENGTHS = ("scheduler.T_max", "scheduler.total_steps", "scheduler.total_iters")
 
 
 def refuse_changed_run(saved: dict[str, Any], current: dict[str, Any], checkpoint: Path, *, force: bool) -> None:
-    """Raise UsageError listing what differs in model, data or seed, unless `force`."""
+    """Raise UsageError listing what differs in what defines the run, unless `force`.
+
+    The optimizer's and scheduler's restored states would silently override a changed lr or
+    schedule, so those count as differences too.
+    """
+    old, new = _flatten({k: saved.get(k) for k in _RUN_DEFINING}), _flatten({k: current.get(k) for k in _RUN_DEFINING})
     differences = []
-    for section in _RUN_DEFINING:
-        old, new = _flatten(saved.get(section), section), _flatten(current.get(section), section)
-        for key in sorted(set(old) | set(new)):
-            if old.get(key) != new.get(key):
-                differences.append(f"{key}: {old.get(key, '(not set)')!r} in the checkpoint, {new.get(key, '(not set)')!r} now")
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            differences.append(f"{key}: {old.get(key, '(not set)')!r} in the checkpoint, {new.get(key, '(not set)')!r} now")
+    budget = ("epochs", "max_steps")
+    old_budget = {k: (saved.get("train") or {}).get(k) for k in budget}
+    new_budget = {k: (current.get("train") or {}).get(k) for k in budget}
+    fixed = [k for k in _SCHEDULE_LENGTHS if k in old]
+    if old_budget != new_budget and fixed and not differences:
+        differences.append(
+            f"train budget {old_budget} in the checkpoint, {new_budget} now: the scheduler's "
+            f"{fixed[0].split('.')[1]}={old[fixed[0]]} was fixed from the old budget and would not follow"
+        )
     if differences and not force:
         listed = "".join(f"\n  {d}" for d in differences)
         raise UsageError(
@@ -426,12 +459,13 @@ def refuse_changed_run(saved: dict[str, Any], current: dict[str, Any], checkpoin
         )
 
 
-def _flatten(value: Any, prefix: str) -> dict[str, Any]:
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists stay values."""
     if not isinstance(value, dict):
         return {prefix: value}
     flat: dict[str, Any] = {}
     for key, inner in value.items():
-        flat.update(_flatten(inner, f"{prefix}.{key}"))
+        flat.update(_flatten(inner, f"{prefix}.{key}" if prefix else str(key)))
     return flat
 
 
@@ -464,17 +498,6 @@ def _summary(status: str, error: str | None, state: Any, seconds: float, built: 
 
 
 def _hparams(config: Any) -> dict[str, Any]:
-    """Flat `section.key` hyperparameters for TensorBoard's HParams tab."""
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}.{k}" if prefix else k, v)
-        elif isinstance(value, list):
-            flat[prefix] = str(value)
-        else:
-            flat[prefix] = value
-
-    walk("", config.model_dump(mode="json"))
-    return flat
+    """Flat `section.key` hyperparameters for TensorBoard's HParams tab (lists as text)."""
+    flat = _flatten(config.model_dump(mode="json"))
+    return {k: str(v) if isinstance(v, list) else v for k, v in flat.items()}

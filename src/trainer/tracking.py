@@ -140,12 +140,6 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     os.replace(tmp, path)
 
 
-def _tensorboard_root(run_dir: Path) -> Path:
-    """The folder to pass to ``tensorboard --logdir``: ``runs`` for ``runs/<name>/<timestamp>``."""
-    root = run_dir.parent.parent
-    return root if str(root) not in ("", ".") else run_dir
-
-
 # --------------------------------------------------------------------------- the tracker
 
 
@@ -162,8 +156,7 @@ class Tracker:
         plain_interval: the least seconds between two plain-mode train lines (files get every point).
         resume_step: the step a resumed run continues after: points logged past it by the
             interrupted run are dropped from metrics.jsonl and purged from TensorBoard.
-        tensorboard_logdir: the folder the final hint names (default: the run folder's grandparent,
-            ``runs`` for ``runs/<name>/<timestamp>``).
+        tensorboard_logdir: the folder the final hint names (default: the run folder).
 
     Usable as a context manager; :meth:`close` runs on exit, also after an exception.
     """
@@ -511,7 +504,7 @@ class Tracker:
         budget = f"{epochs} epochs, {steps:,} steps in {format_seconds(seconds)}"
         hint = None
         if run_dir is not None and self._writer is not None:
-            hint = f"tensorboard --logdir {self.tensorboard_logdir or _tensorboard_root(Path(run_dir))}"
+            hint = f"tensorboard --logdir {self.tensorboard_logdir or run_dir}"
         if not self.live:
             self._line(head)
             if best:
