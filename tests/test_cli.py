@@ -575,3 +575,10 @@ def test_eval_bad_input(cli, tmp_path):
     assert cli("eval", tmp_path / "missing.pt").code == 2
     empty = cli("eval", tmp_path)
     assert empty.code == 2 and "holds no best.pt or last.pt" in empty.stderr
+
+
+def test_show_config_is_exactly_the_run_folders_config_yaml(seed_runs, cli):
+    folder = _folder(seed_runs, "lenet.yaml")
+    shown = cli("show-config", CONFIGS / "lenet.yaml")
+    assert shown.code == 0
+    assert shown.stdout == (folder / "config.yaml").read_text()
