@@ -72,7 +72,8 @@ def loss_for(model: str):
 # the variants: each returns the seconds its training loop took for `steps` optimizer steps
 
 
-def run_slicing(model: str, steps: int) -> float:
+def hand_loop(model: str, steps: int, epoch_batches) -> float:
+    """The forty-line loop of the tutorials; `epoch_batches(x, y, epoch)` yields its batches."""
     import torch
 
     torch.manual_seed(0)
@@ -82,10 +83,8 @@ def run_slicing(model: str, steps: int) -> float:
     done, epoch = 0, 0
     start = time.perf_counter()
     while done < steps:
-        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
-        for i in range(0, len(x), BATCH):
-            idx = perm[i : i + BATCH]
-            loss = loss_fn(net(x[idx]), y[idx])
+        for xb, yb in epoch_batches(x, y, epoch):
+            loss = loss_fn(net(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -97,28 +96,31 @@ def run_slicing(model: str, steps: int) -> float:
     return time.perf_counter() - start
 
 
-def run_dataloader(model: str, steps: int) -> float:
+def slices(x, y, epoch: int):
+    """Batches sliced from the tensors with a seeded permutation."""
     import torch
+
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
+    for i in range(0, len(x), BATCH):
+        idx = perm[i : i + BATCH]
+        yield x[idx], y[idx]
+
+
+def run_slicing(model: str, steps: int) -> float:
+    return hand_loop(model, steps, slices)
+
+
+def run_dataloader(model: str, steps: int) -> float:
     from torch.utils.data import DataLoader, TensorDataset
 
-    torch.manual_seed(0)
-    x, y = make_data(model)
-    net, loss_fn = build_model(model), loss_for(model)
-    opt = torch.optim.SGD(net.parameters(), lr=0.01)
-    loader = DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True)
-    done = 0
-    start = time.perf_counter()
-    while done < steps:
-        for xb, yb in loader:
-            loss = loss_fn(net(xb), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            done += 1
-            if done == steps:
-                break
-    loss.item()
-    return time.perf_counter() - start
+    loaders = {}
+
+    def batches(x, y, epoch):
+        # one loader for the run, as a hand-written loop would make it
+        loader = loaders.setdefault("loader", DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True))
+        return iter(loader)
+
+    return hand_loop(model, steps, batches)
 
 
 def run_trainer(model: str, steps: int, *, quiet: bool) -> float:

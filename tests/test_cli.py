@@ -571,10 +571,17 @@ def test_eval_reproduces_the_runs_validation_metrics(seed_runs, cli):
     assert best.code == 0 and "best.pt" in best.stdout and "accuracy" in best.stdout
 
 
-def test_eval_bad_input(cli, tmp_path):
+def test_eval_bad_input(cli, tmp_path, seed_runs):
     assert cli("eval", tmp_path / "missing.pt").code == 2
     empty = cli("eval", tmp_path)
     assert empty.code == 2 and "holds no best.pt or last.pt" in empty.stderr
+    folder = _folder(seed_runs, "lenet.yaml")
+    split = cli("eval", folder, "--split", "holdout")
+    assert split.code == 2 and "unknown split 'holdout'; accepted: val, test, train" in split.stderr
+    both = cli("eval", folder, "--best", "--last")
+    assert both.code == 2 and "exclude each other" in both.stderr
+    no_val = cli("eval", _folder(seed_runs, "sqrt2.yaml"))
+    assert no_val.code == 2 and "--split train" in no_val.stderr
 
 
 def test_show_config_is_exactly_the_run_folders_config_yaml(seed_runs, cli):

@@ -227,13 +227,13 @@ def execute_run(
                 tracker.message(f"resumed from {checkpoint} at step {state.step} (epoch {state.epoch + 1})")
             checkpoints = Checkpoints(built, folder / "checkpoints")
             injected_stop = _injected_stop()
+            every = built.config.train.checkpoint_every or 0  # read once: after_step runs every step
 
             def after_step(state: TrainState) -> None:
                 injected_stop(state.step)
                 # at an epoch's last batch (or the run's) the epoch-end hook below saves, after validation
                 if state.batch_in_epoch >= steps_per_epoch or state.step >= last_step:
                     return
-                every = built.config.train.checkpoint_every
                 if stop.signum is not None or (every and state.step % every == 0):
                     checkpoints.save_last(state)
                 if stop.signum is not None:
