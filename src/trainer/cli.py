@@ -81,7 +81,7 @@ def run(
     resume: Optional[str] = typer.Option(
         None, "--resume", help="Continue from a checkpoint file, a run folder, or 'auto' (the newest that loads)"
     ),
-    force: bool = typer.Option(False, "--force", help="Resume even if model, data or seed differ from the checkpoint's"),
+    force: bool = typer.Option(False, "--force", help="Resume even if the run differs from the checkpoint's (seed, model, data, optimizer, ...)"),
 ) -> None:
     """Train a model from CONFIG; prints the run folder."""
     _guarded(lambda: _train(_load(config, overrides), run_dir, runs_root, device, quiet, resume, force))
@@ -92,7 +92,7 @@ def resume(
     run_dir: Path = typer.Argument(..., help="A run folder, e.g. runs/lenet/20261122-101500", show_default=False),
     overrides: Optional[List[str]] = OverridesArg,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the run folder"),
-    force: bool = typer.Option(False, "--force", help="Resume even if model, data or seed differ from the checkpoint's"),
+    force: bool = typer.Option(False, "--force", help="Resume even if the run differs from the checkpoint's (seed, model, data, optimizer, ...)"),
 ) -> None:
     """Continue an interrupted run in its own folder, from its newest checkpoint that loads."""
 
