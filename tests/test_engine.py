@@ -151,6 +151,25 @@ def test_non_finite_loss_stops_the_run_naming_the_step():
         )  # fmt: skip
 
 
+@pytest.mark.parametrize("log_every", [1, 4, 100])
+def test_non_finite_loss_names_its_exact_step_wherever_the_log_point_falls(log_every):
+    # batch size 1, no shuffle: sample 6 is inf, so step 7 is the first non-finite loss, and every
+    # later loss is NaN too (the update at step 7 poisons the weights)
+    x = torch.arange(10, dtype=torch.float32).unsqueeze(1)
+    x[6] = math.inf
+    model = nn.Linear(1, 1)
+    tracker = Recorder()
+    with pytest.raises(TrainingFailed, match=r"not finite at step 7;"):
+        fit(
+            model, TensorBatches(x, 2 * x, batch_size=1, shuffle=False, seed=0), None, nn.MSELoss(),
+            torch.optim.SGD(model.parameters(), lr=1e-3), LoopSettings(epochs=3, log_every=log_every),
+            precision=FP32, tracker=tracker,
+        )  # fmt: skip
+    # nothing non-finite was logged before the run stopped
+    assert all(math.isfinite(t["loss"]) for t in tracker.train)
+    assert [t["step"] for t in tracker.train] == list(range(log_every, 7, log_every))
+
+
 def test_grad_clip_bounds_the_update():
     torch.manual_seed(0)
     model = nn.Linear(3, 1)

@@ -76,45 +76,61 @@ class TrainState:
         return cls(**data)
 
 
+def _not_finite(step: int) -> TrainingFailed:
+    return TrainingFailed(
+        f"the training loss is not finite at step {step}; "
+        "try a lower optimizer.lr or set train.grad_clip (e.g. train.grad_clip=1.0)"
+    )
+
+
+def _first_not_finite(losses: torch.Tensor, first_step: int) -> int | None:
+    """The step of the first non-finite loss in `losses` (steps first_step, first_step+1, ...)."""
+    not_finite = ~torch.isfinite(losses)
+    if not bool(not_finite.any()):
+        return None
+    return first_step + int(torch.argmax(not_finite.to(torch.uint8)))
+
+
 def check_finite(running: dict[str, Any]) -> None:
     """Raise TrainingFailed naming the first step whose loss was not finite (one host sync).
 
     `running` is `TrainState.running`; the runner calls this before writing a checkpoint, so a
-    NaN never overwrites the last good one.
+    NaN never overwrites the last good one. Only the losses not folded in yet need a look: every
+    fold is followed by a read of a sum that holds them, which raises on a non-finite value.
     """
-    bad = running.get("nonfinite_at")
-    step = int(bad.item()) if bad is not None else 0
     pending = running.get("pending")
-    if not step and pending:
-        # look at the losses not folded in yet without folding them: a fold here would change
-        # the order of the float sums, and a resumed run would log different numbers
-        not_finite = ~torch.isfinite(torch.stack(pending).float())
-        if bool(not_finite.any()):
-            step = running["pending_first_step"] + int(torch.argmax(not_finite.to(torch.uint8)))
-    if step:
-        raise TrainingFailed(
-            f"the training loss is not finite at step {step}; "
-            "try a lower optimizer.lr or set train.grad_clip (e.g. train.grad_clip=1.0)"
-        )
+    if pending:
+        # without folding: a fold here would change the order of the float sums, and a resumed
+        # run would log different numbers
+        step = _first_not_finite(torch.stack(pending).float(), running["pending_first_step"])
+        if step is not None:
+            raise _not_finite(step)
 
 
-def fold_pending(running: dict[str, Any]) -> None:
-    """Fold the losses of steps since the last fold into the window and epoch sums, on the device."""
+def fold_pending(running: dict[str, Any]) -> tuple[torch.Tensor, int] | None:
+    """Fold the losses of steps since the last fold into the window and epoch sums, on the device.
+
+    Returns the folded losses and the step of the first, for the caller's finiteness check.
+    """
     pending = running.get("pending")
     if not pending:
-        return
+        return None
     losses = torch.stack(pending).float()
     total = losses.sum()
     running["window_loss"] += total
     running["epoch_loss"] += total
     running["window_batches"] += len(pending)
     running["epoch_batches"] += len(pending)
-    # the first step whose loss was not finite, found without a host sync
-    bad = ~torch.isfinite(losses)
-    first = running["pending_first_step"] + torch.argmax(bad.to(torch.uint8))
-    running["nonfinite_at"] = torch.where((running["nonfinite_at"] == 0) & bad.any(), first, running["nonfinite_at"])
+    first = running["pending_first_step"]
     running["pending_first_step"] += len(pending)
     pending.clear()
+    return losses, first
+
+
+def _raise_not_finite(folded: tuple[torch.Tensor, int] | None, step: int) -> None:
+    """A read sum was not finite: name the first bad step among the losses just folded."""
+    bad = _first_not_finite(*folded) if folded is not None else None
+    raise _not_finite(bad if bad is not None else step)
 
 
 class Running:
@@ -130,7 +146,7 @@ class Running:
         v = self.values = state.running
         for name in ("window_loss", "epoch_loss", "grad_norm"):
             v[name] = v.get(name, torch.zeros(())).to(device)
-        v["nonfinite_at"] = v.get("nonfinite_at", torch.zeros((), dtype=torch.long)).to(device)
+        v.pop("nonfinite_at", None)  # kept by checkpoints of earlier versions; no longer needed
         v["pending"] = [t.to(device) for t in v.get("pending", [])]  # losses of steps not yet folded in
         for name in ("window_batches", "window_samples", "epoch_batches"):
             v.setdefault(name, 0)
@@ -149,11 +165,11 @@ class Running:
 
     def read_window(self) -> dict[str, float]:
         """The mean loss (and max pre-clip gradient norm) since the last log point; then start a new window."""
-        fold_pending(self.values)
+        folded = fold_pending(self.values)
         v = self.values
         loss = (v["window_loss"] / max(v["window_batches"], 1)).item()
         if not math.isfinite(loss):
-            check_finite(v)
+            _raise_not_finite(folded, v["pending_first_step"] - 1)
         elapsed = time.perf_counter() - self.window_started
         out = {"loss": loss, "samples_per_s": v["window_samples"] / elapsed if elapsed > 0 else 0.0}
         if self.clipping:
@@ -166,11 +182,11 @@ class Running:
 
     def read_epoch(self) -> float | None:
         """The epoch's mean training loss; then start a new epoch."""
-        fold_pending(self.values)
+        folded = fold_pending(self.values)
         v = self.values
         mean = (v["epoch_loss"] / v["epoch_batches"]).item() if v["epoch_batches"] else None
         if mean is not None and not math.isfinite(mean):
-            check_finite(v)
+            _raise_not_finite(folded, v["pending_first_step"] - 1)
         v["epoch_loss"].zero_()
         v["epoch_batches"] = 0
         return mean

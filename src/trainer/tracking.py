@@ -1,7 +1,7 @@
 """Rich console output, TensorBoard and ``metrics.jsonl`` behind one small object.
 
-This is the only module that imports ``rich.progress`` and ``torch.utils.tensorboard``. TensorBoard
-is imported lazily inside :class:`Tracker` so that ``import trainer.tracking`` (and therefore the
+This is the only module that imports ``rich.progress`` and TensorBoard. TensorBoard's protos are
+imported lazily inside :class:`EventFile` so that ``import trainer.tracking`` (and therefore the
 CLI's start-up, ``trainer list``, ``trainer show-config``...) stays cheap.
 
 The training loop calls the tracker only at log points (every ``log_every`` optimizer steps) and at
@@ -22,9 +22,10 @@ import json
 import math
 import os
 import numbers
+import struct
 import time
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 from rich.console import Console, Group
 from rich.errors import MissingStyle, StyleSyntaxError
@@ -32,9 +33,6 @@ from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
-
-if TYPE_CHECKING:  # only for annotations; the real import is deferred to Tracker.__init__
-    from torch.utils.tensorboard import SummaryWriter
 
 __all__ = ["Tracker", "format_metric", "format_seconds"]
 
@@ -140,6 +138,77 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     os.replace(tmp, path)
 
 
+# --------------------------------------------------------------------------- TensorBoard events
+
+
+def _masked_crc32c(data: bytes) -> int:
+    """The TFRecord checksum: CRC-32C, rotated and offset (TensorBoard's own pure-Python one if
+    google-crc32c is missing; that one costs ~30 us per event)."""
+    try:
+        from google_crc32c import value as crc32c
+    except ImportError:  # pragma: no cover - google-crc32c is a dependency
+        from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+        return masked_crc32c(data)
+    x = crc32c(data)
+    return (((x >> 15) | (x << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+class EventFile:
+    """A TensorBoard event file, written in the calling thread.
+
+    What ``torch.utils.tensorboard.SummaryWriter`` writes, without its writer thread and queue:
+    that writer checksums every event in pure Python on a thread that competes with the training
+    loop for the GIL, and its queue of 10 makes the loop wait; a log point cost ~110 us, a whole
+    step of a small model. Here a log point is one event, checksummed in C, buffered, and flushed
+    at epoch ends and at most every `flush_secs`.
+    """
+
+    def __init__(self, folder: Path, *, purge_step: int | None = None, flush_secs: float = 10.0) -> None:
+        import socket
+
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+
+        self._Event, self._Summary = event_pb2.Event, summary_pb2.Summary
+        # the name TensorBoard's own writer uses; time and pid keep a resumed run's file apart
+        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.0"
+        self.path = Path(folder) / name
+        self._file = open(self.path, "wb")
+        self.flush_secs = flush_secs
+        self._flushed = time.monotonic()
+        self._write(self._Event(wall_time=time.time(), file_version="brain.Event:2"))
+        if purge_step is not None:
+            # TensorBoard drops the points at or after purge_step that earlier files hold
+            self._write(self._Event(step=purge_step, wall_time=time.time(), file_version="brain.Event:2"))
+            SessionLog = event_pb2.SessionLog  # noqa: N806
+            self._write(self._Event(step=purge_step, wall_time=time.time(), session_log=SessionLog(status=SessionLog.START)))
+        self.flush()
+
+    def _write(self, event: Any) -> None:
+        data = event.SerializeToString()
+        header = struct.pack("<Q", len(data))
+        self._file.write(header + struct.pack("<I", _masked_crc32c(header)) + data + struct.pack("<I", _masked_crc32c(data)))
+
+    def add_summary(self, summary: Any, step: int) -> None:
+        """Append a ``Summary`` proto as one event at `step`."""
+        self._write(self._Event(wall_time=time.time(), step=step, summary=summary))
+        if time.monotonic() - self._flushed > self.flush_secs:
+            self.flush()
+
+    def add_scalars(self, values: dict[str, float], step: int) -> None:
+        """Several scalars of one step as one event (TensorBoard shows each tag as its own chart)."""
+        Value = self._Summary.Value  # noqa: N806
+        self.add_summary(self._Summary(value=[Value(tag=tag, simple_value=v) for tag, v in values.items()]), step)
+
+    def flush(self) -> None:
+        self._file.flush()
+        self._flushed = time.monotonic()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+
 # --------------------------------------------------------------------------- the tracker
 
 
@@ -196,7 +265,7 @@ class Tracker:
         self._last_plain_line = -math.inf
 
         self._file: IO[str] | None = None
-        self._writer: SummaryWriter | None = None
+        self._writer: EventFile | None = None
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if jsonl:
@@ -205,13 +274,9 @@ class Tracker:
                 # Append: a resumed run continues the same file instead of erasing its history.
                 self._file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
             if tensorboard:
-                # Deferred: importing TensorBoard costs about a second and most commands never log.
-                from torch.utils.tensorboard import SummaryWriter
-
-                # log_dir is the run folder itself, so `tensorboard --logdir runs` lists the run
-                # as <name>/<timestamp>.
+                # the run folder itself, so `tensorboard --logdir runs` lists the run as <name>/<timestamp>;
                 # purge_step: TensorBoard hides what the interrupted run logged after the checkpoint
-                self._writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=resume_step + 1 if resume_step else None)
+                self._writer = EventFile(self.run_dir, purge_step=resume_step + 1 if resume_step else None)
 
     # ----------------------------------------------------------------- context manager
 
@@ -248,9 +313,9 @@ class Tracker:
         # Flushed per write (a few per epoch at most) so a crash loses nothing already logged.
         self._file.flush()
 
-    def _add_scalar(self, tag: str, value: float, step: int) -> None:
+    def _add_scalars(self, values: dict[str, float], step: int) -> None:
         if self._writer is not None and not self._closed:
-            self._writer.add_scalar(tag, _as_float(value), global_step=step)
+            self._writer.add_scalars({tag: _as_float(v) for tag, v in values.items()}, step)
 
     def _stop_progress(self) -> None:
         if self._progress is not None:
@@ -365,11 +430,10 @@ class Tracker:
                 "time": round(time.time(), 3),
             }
         )
-        self._add_scalar("train/loss", loss, step)
-        self._add_scalar("lr", lr, step)
-        self._add_scalar("samples_per_s", samples_per_s, step)
+        scalars = {"train/loss": loss, "lr": lr, "samples_per_s": samples_per_s}
         if grad_norm is not None:
-            self._add_scalar("train/grad_norm", _as_float(grad_norm), step)
+            scalars["train/grad_norm"] = grad_norm
+        self._add_scalars(scalars, step)
         if self.quiet:
             return
         if self.live:
@@ -415,8 +479,7 @@ class Tracker:
         record.update({k: _json_number(v) for k, v in values.items()})
         record["time"] = round(time.time(), 3)
         self._write_json(record)
-        for name, value in values.items():
-            self._add_scalar(f"val/{name}", value, step)
+        self._add_scalars({f"val/{name}": value for name, value in values.items()}, step)
 
     def epoch_finished(
         self,
@@ -466,11 +529,9 @@ class Tracker:
         values = {str(k): _as_float(v) for k, v in metrics.items()}
         _experiment, session_start, session_end = hparams_summary(clean, values)
         # Not writer.add_hparams: that writes into a new sub-folder, i.e. a second "run".
-        file_writer = self._writer._get_file_writer()
-        file_writer.add_summary(session_start, self._last_step)
-        file_writer.add_summary(session_end, self._last_step)
-        for tag, value in values.items():
-            self._add_scalar(tag, value, self._last_step)
+        self._writer.add_summary(session_start, self._last_step)
+        self._writer.add_summary(session_end, self._last_step)
+        self._add_scalars(values, self._last_step)
         self._writer.flush()
 
     def message(self, text: str, style: str | None = None) -> None:
