@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
+import yaml
 
+import trainer.build
 from trainer.build import build_run, check_one_batch
 from trainer.config import config_from_dict
+from trainer.engine import fit
 from trainer.errors import DeviceError, UsageError
+from trainer.runs import execute_run
 
 from conftest import tiny_config
 
@@ -137,3 +143,169 @@ def test_an_explicit_monitor_must_exist():
     with pytest.raises(UsageError, match="train.monitor: 'val_accuracy' needs class labels"):
         built(train={"monitor": "val_accuracy"})
     assert built(data=no_val).config.train.monitor is None  # the default follows the data
+
+
+# ---------------------------------------------------------------------------------------------
+# performance switches
+
+# LeNet on random 3-channel images: convolutions whose weights and inputs channels_last changes
+IMAGES = {
+    "model": {"name": "lenet"},
+    "data": {"name": "random", "size": 96, "input_shape": [3, 32, 32], "num_classes": 4, "batch_size": 16},
+    "loss": {"name": "cross_entropy"},
+}
+
+
+def trained(steps: int = 10, train: dict | None = None, **sections):
+    """Build, check one batch and train `steps` optimizer steps in process."""
+    run = built(train={"max_steps": steps, "log_every": 5, **(train or {})}, **sections)
+    check_one_batch(run)
+    fit(
+        run.model, run.train_batches, run.val_batches, run.loss_fn, run.optimizer, run.settings,
+        precision=run.precision, scheduler=run.scheduler, scaler=run.scaler,
+    )  # fmt: skip
+    return run
+
+
+def assert_same_parameters(a: dict, b: dict, atol: float) -> None:
+    assert list(a) == list(b)  # the same keys, in the same order
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=key)
+
+
+@pytest.fixture
+def graphs(monkeypatch):
+    """Compile with a backend that records the graphs torch.compile hands it and runs them as traced
+    (the real inductor takes ~15-30 s per model on a 2-core CPU; it has its own slow tests below)."""
+    seen = []
+
+    def recording(gm, example_inputs, **options):
+        seen.append(options.get("mode"))
+        return gm.forward
+
+    monkeypatch.setattr(trainer.build, "COMPILE_BACKEND", recording)
+    torch.compiler.reset()  # nothing compiled by an earlier test is reused
+    yield seen
+    torch.compiler.reset()
+
+
+@pytest.mark.parametrize(("setting", "mode"), [(True, None), ("max-autotune", "max-autotune")])
+def test_compiled_run_matches_eager_and_checkpoints_keep_plain_keys(tmp_path, graphs, setting, mode):
+    runs = {}
+    for name, compile_ in [("eager", False), ("compiled", setting)]:
+        config = config_from_dict(tiny_config(name=name, train={"epochs": 2, "log_every": 2, "compile": compile_}))
+        result = execute_run(config, root=tmp_path, quiet=True, tensorboard=False)
+        assert result.exit_code == 0, result.error
+        runs[name] = torch.load(result.run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert graphs and set(graphs) == {mode}  # the model really went through torch.compile, in that mode
+    assert not any("_orig_mod" in key for key in runs["compiled"]["model"])
+    assert_same_parameters(runs["compiled"]["model"], runs["eager"]["model"], atol=1e-6)
+    assert runs["compiled"]["config"]["train"]["compile"] == setting  # and config.yaml says so
+
+
+def test_a_compiled_model_still_gets_the_shape_hint(graphs):
+    run = built(model={"name": "lenet"}, data={"name": "digits", "image_size": 28}, loss={"name": "cross_entropy"}, train={"compile": True})
+    with pytest.raises(UsageError, match=r"data.image_size=32"):
+        check_one_batch(run)  # the check runs uncompiled first: the same message as without compile
+    assert not graphs
+
+
+def test_a_failing_compiler_is_one_line_naming_train_compile(monkeypatch):
+    def broken(gm, example_inputs, **options):
+        raise RuntimeError("No working C++ compiler found\n(a long torch stack follows)")
+
+    monkeypatch.setattr(trainer.build, "COMPILE_BACKEND", broken)
+    torch.compiler.reset()
+    run = built(train={"compile": True})
+    with pytest.raises(UsageError) as caught:
+        check_one_batch(run)
+    assert caught.value.key == "train.compile"
+    message = str(caught.value)
+    assert "\n" not in message and "No working C++ compiler found" in message and "set train.compile=false" in message
+
+
+def test_without_a_cpp_compiler_validate_fails_in_one_line(cli, write_config, tmp_path):
+    # the real inductor, up to the point where it looks for g++ (no cached kernels to fall back on)
+    started = time.perf_counter()
+    no_compiler = {"CXX": "/nonexistent/g++", "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    result = cli("validate", write_config(tiny_config()), "train.compile=true", env=no_compiler)
+    assert result.code == 2, result.output
+    assert "error: train.compile: torch.compile could not compile model 'mlp' on cpu:" in result.stderr
+    assert "C++ compiler" in result.stderr and "Traceback" not in result.output
+    assert time.perf_counter() - started < 60
+
+
+@pytest.mark.slow
+def test_inductor_compiled_lenet_run_matches_eager(cli, write_config):
+    # `trainer run` with the real inductor: ~35 s on a 2-core CPU (compiles train, last-batch and eval graphs)
+    config = write_config(tiny_config(**IMAGES, train={"max_steps": 10, "log_every": 5}))
+    checkpoints = {}
+    for setting in ("false", "true"):
+        result = cli("run", config, f"train.compile={setting}", "--quiet")
+        assert result.code == 0, result.output
+        folder = result.cwd / result.stdout.strip().splitlines()[-1]
+        checkpoints[setting] = torch.load(folder / "checkpoints" / "last.pt", weights_only=True)
+        assert yaml.safe_load((folder / "config.yaml").read_text())["train"]["compile"] is (setting == "true")
+    assert_same_parameters(checkpoints["true"]["model"], checkpoints["false"]["model"], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_inductor_compiled_mlp_trains_like_eager():
+    torch.compiler.reset()
+    eager = trained(steps=8)
+    compiled = trained(steps=8, train={"compile": True})
+    assert_same_parameters(compiled.model.state_dict(), eager.model.state_dict(), atol=1e-5)
+
+
+def test_channels_last_run_matches_the_default_and_converts_once():
+    default = trained(**IMAGES)
+    fast = trained(train={"channels_last": True}, **IMAGES)
+    for name in ("conv1", "conv2"):
+        weight = getattr(fast.model, name).weight
+        assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    assert fast.train_batches.x.is_contiguous(memory_format=torch.channels_last)  # the whole x, once
+    inputs, _ = next(iter(fast.train_batches.epoch(0)))
+    assert inputs.is_contiguous(memory_format=torch.channels_last)
+    assert_same_parameters(fast.model.state_dict(), default.model.state_dict(), atol=1e-5)
+    moved = built(**IMAGES).model.state_dict()  # the runs did learn something
+    assert max((fast.model.state_dict()[k] - moved[k]).abs().max() for k in moved) > 1e-3
+
+
+def test_channels_last_on_data_that_is_not_images_is_refused():
+    with pytest.raises(UsageError) as caught:
+        built(train={"channels_last": True})
+    assert caught.value.key == "train.channels_last"
+    assert "needs image data" in str(caught.value) and "(4,)" in str(caught.value)
+
+
+def test_backend_switches_are_applied_where_the_device_is_resolved(monkeypatch):
+    calls = []
+    monkeypatch.setattr(trainer.build, "apply_backend_switches", lambda device, **flags: calls.append((device, flags)))
+    built(train={"cudnn_benchmark": True, "tf32": True})
+    assert calls == [(torch.device("cpu"), {"cudnn_benchmark": True, "tf32": True})]
+
+
+def test_backend_switches_change_nothing_on_the_cpu():
+    flags = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    run = built(train={"cudnn_benchmark": True, "tf32": not flags[1]})
+    assert run.device.type == "cpu"
+    assert (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == flags
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        {"name": "sgd", "lr": 0.1, "momentum": 0.9},
+        {"name": "adam", "lr": 0.01},
+        {"name": "adamw", "lr": 0.01, "weight_decay": 0.1},
+        {"name": "adagrad", "lr": 0.1},
+    ],
+    ids=lambda o: o["name"],
+)
+def test_fused_optimizers_follow_the_for_loop_trajectory_on_cpu(optimizer):
+    plain = trained(steps=12, optimizer={**optimizer, "foreach": False})
+    fused = trained(steps=12, optimizer={**optimizer, "fused": True})
+    assert fused.optimizer.defaults["fused"] is True
+    assert_same_parameters(fused.model.state_dict(), plain.model.state_dict(), atol=1e-6)
+    start = built(optimizer=optimizer).model.state_dict()
+    assert max((plain.model.state_dict()[k] - start[k]).abs().max() for k in start) > 1e-3

@@ -183,3 +183,64 @@ def test_to_yaml_round_trips(tmp_path):
     again = config_from_dict(yaml.safe_load(config.to_yaml()))
     assert again == config
     assert isinstance(again, Config)
+
+
+# ---------------------------------------------------------------------------------------------
+# performance switches
+
+SWITCHES = {"compile": False, "channels_last": False, "cudnn_benchmark": False, "tf32": False}
+
+
+def test_performance_switches_are_off_by_default(tmp_path):
+    train = load_config(write(tmp_path, GOOD)).train
+    assert {key: getattr(train, key) for key in SWITCHES} == SWITCHES
+
+
+@pytest.mark.parametrize("compile_", [True, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
+def test_performance_switches_round_trip_through_the_resolved_yaml(tmp_path, compile_):
+    overrides = [f"train.compile={str(compile_).lower()}", "train.channels_last=true", "train.cudnn_benchmark=true", "train.tf32=true"]
+    config = load_config(write(tmp_path, GOOD), overrides)
+    assert config.train.compile == compile_ and config.train.channels_last and config.train.cudnn_benchmark and config.train.tf32
+    written = config.to_yaml()  # what show-config prints and the run folder's config.yaml holds
+    assert config_from_dict(yaml.safe_load(written)) == config
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("max_autotune", "did you mean 'max-autotune'? accepted: false, true, default, reduce-overhead, max-autotune"),
+        ("fast", "accepted: false, true, default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs; got 'fast'"),
+        ("1", "accepted: false, true, default"),
+    ],
+)
+def test_a_bad_compile_value_is_one_problem_with_the_choices(tmp_path, value, expected):
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, GOOD + f"train:\n  compile: {value}\n"))
+    assert len(caught.value.problems) == 1
+    assert f"line 7, train.compile: {expected}" in str(caught.value)
+
+
+def test_the_json_schema_knows_the_switches():
+    jsonschema = pytest.importorskip("jsonschema")
+    from trainer.config import json_schema
+
+    schema = json_schema()
+    base = yaml.safe_load(GOOD)
+    for train in ({"compile": "reduce-overhead", "channels_last": True}, {"compile": True, "tf32": False, "cudnn_benchmark": True}):
+        jsonschema.validate({**base, "train": train}, schema)
+    for train in ({"compile": "fast"}, {"channels_last": "yes"}, {"tf_32": True}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({**base, "train": train}, schema)
+
+
+def test_fused_on_an_optimizer_without_it_names_those_with_it(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, GOOD.replace("{name: sgd, lr: 0.05, momentum: 0.9}", "{name: rmsprop, lr: 0.01, fused: true}")))
+    message = str(caught.value)
+    assert "optimizer.fused: rmsprop() has no argument 'fused'" in message
+    assert "take 'fused'" in message and "adamw" in message.split("; only ")[1]  # the list follows torch's signatures
+
+
+def test_fused_with_foreach_is_refused_in_torch_words(tmp_path):
+    with pytest.raises(ConfigError, match=r"line 5, optimizer: adamw\(\) refused .*`fused` and `foreach` cannot be `True` together"):
+        load_config(write(tmp_path, GOOD.replace("{name: sgd, lr: 0.05, momentum: 0.9}", "{name: adamw, fused: true, foreach: true}")))

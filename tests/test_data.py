@@ -382,6 +382,38 @@ def test_loader_batches_leave_the_global_rng_alone():
     assert torch.equal(torch.rand(3), expected)
 
 
+def images(n=12):
+    """n numbered 3x4x5 images (the channels-last layout differs from the default for C > 1)."""
+    return torch.arange(n * 60, dtype=torch.float32).reshape(n, 3, 4, 5), torch.arange(n)
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_tensor_batches_channels_last_converts_x_once_and_keeps_the_values(shuffle):
+    x, y = images()
+    plain = TensorBatches(x, y, 5, shuffle, seed=3).to("cpu")
+    fast = TensorBatches(x, y, 5, shuffle, seed=3).to("cpu", channels_last=True)
+    assert fast.x.is_contiguous(memory_format=torch.channels_last) and not fast.x.is_contiguous()
+    for (xf, yf), (xp, yp) in zip(all_batches(fast, epoch=1), all_batches(plain, epoch=1), strict=True):
+        assert xf.is_contiguous(memory_format=torch.channels_last)  # sliced or indexed: still channels-last
+        assert torch.equal(xf, xp) and torch.equal(yf, yp)
+
+
+def test_channels_last_leaves_inputs_that_are_not_images_alone():
+    batches = TensorBatches(*numbered(), 4, True, seed=0).to("cpu", channels_last=True)
+    assert batches.x.is_contiguous()
+    loader = LoaderBatches(TensorDataset(*numbered()), 4, True, seed=0, num_workers=0).to("cpu", channels_last=True)
+    assert all(x.is_contiguous() for x, _ in all_batches(loader))
+
+
+def test_loader_batches_channels_last_converts_each_batch_on_the_device():
+    x, y = images()
+    loader = LoaderBatches(TensorDataset(x, y), 5, True, seed=3, num_workers=0).to("cpu", channels_last=True)
+    tensor = TensorBatches(x, y, 5, True, seed=3).to("cpu")
+    for (xl, yl), (xt, yt) in zip(all_batches(loader), all_batches(tensor), strict=True):
+        assert xl.is_contiguous(memory_format=torch.channels_last) and not xl.is_contiguous()
+        assert torch.equal(xl, xt) and torch.equal(yl, yt)
+
+
 # ---------------------------------------------------------------------------------------------
 # mnist and fashion_mnist
 
@@ -565,3 +597,47 @@ def test_image_folder_without_images(tmp_path, with_class_folder):
     with pytest.raises(DataError, match="holds no images") as err:
         build("image_folder", {"root": str(tmp_path)})
     assert err.value.key == "data.root"
+
+
+# ---------------------------------------------------------------------------------------------
+# data-parallel shares
+
+
+@pytest.mark.parametrize("n", [96, 100, 101])
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_kth_batches_together_are_one_processes_kth_batch(n, world_size):
+    b = 4
+    one = TensorBatches(*numbered(n), b * world_size, True, seed=5)
+    ranks = [TensorBatches(*numbered(n), b, True, seed=5).shard(r, world_size, pad=True) for r in range(world_size)]
+    assert len({len(r) for r in ranks}) == 1  # every rank takes the same number of steps
+    for epoch in (0, 1):
+        whole = [set(y.tolist()) for _, y in all_batches(one, epoch)]
+        shares = [all_batches(r, epoch) for r in ranks]
+        for k, batch in enumerate(whole):
+            together = [set(share[k][1].tolist()) for share in shares]
+            union = set().union(*together)
+            if k < len(whole) - 1 or n % (b * world_size) == 0:
+                assert union == batch and sum(map(len, together)) == len(batch)  # disjoint: exactly the global batch
+            else:
+                # the last: padding repeats the epoch's first samples so every rank has as many
+                assert union >= batch and union - batch <= whole[0]
+
+
+def test_validation_shares_count_every_sample_once():
+    shares = [TensorBatches(*numbered(11), 2, False, seed=0).shard(r, 3, pad=False) for r in range(3)]
+    seen = [y.item() for s in shares for _, ys in all_batches(s) for y in ys]
+    assert sorted(seen) == list(range(11))
+    assert [s.num_samples for s in shares] == [11, 11, 11]  # the whole split's size on every rank
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_sharded_loader_batches_match_sharded_tensor_batches(shuffle):
+    x, y = numbered(23)
+    for rank in (0, 1):
+        tensor = TensorBatches(x, y, 5, shuffle, seed=7).shard(rank, 2, pad=True)
+        loader = LoaderBatches(TensorDataset(x, y), 5, shuffle, seed=7, num_workers=0).shard(rank, 2, pad=True)
+        assert isinstance(loader._sampler, torch.utils.data.DistributedSampler)
+        assert len(loader) == len(tensor) == 3
+        for epoch, start in [(0, 0), (1, 1)]:
+            got, want = all_batches(loader, epoch, start), all_batches(tensor, epoch, start)
+            assert [t[1].tolist() for t in got] == [t[1].tolist() for t in want]

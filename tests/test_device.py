@@ -1,10 +1,10 @@
-"""Tests for trainer.device: device resolution (CUDA and MPS mocked) and precision settings."""
+"""Tests for trainer.device: device resolution (CUDA and MPS mocked), precision settings and the CUDA backend switches."""
 
 import pytest
 import torch
 from torch import nn
 
-from trainer.device import resolve_device, resolve_precision
+from trainer.device import apply_backend_switches, resolve_device, resolve_precision
 from trainer.errors import DeviceError, UsageError
 
 
@@ -176,3 +176,43 @@ def test_bf16_on_cuda_needs_no_grad_scaler():
 def test_unknown_precision_lists_the_choices(name):
     with pytest.raises(DeviceError, match="accepted: fp32, bf16, fp16"):
         resolve_precision(name, torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------------------------------
+# train.cudnn_benchmark and train.tf32
+
+
+def _backend_flags() -> dict[str, bool]:
+    return {
+        "cudnn.benchmark": torch.backends.cudnn.benchmark,
+        "cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
+    }
+
+
+@pytest.fixture
+def backend_flags():
+    """The process-wide backend flags, restored after the test."""
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    yield _backend_flags
+    torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize(("cudnn_benchmark", "tf32"), [(True, True), (True, False), (False, True), (False, False)])
+def test_backend_switches_set_the_flags_on_cuda(machine, backend_flags, cudnn_benchmark, tf32):
+    machine(cuda=1)
+    device, _ = resolve_device("auto")
+    # start from the opposite of what is asked, so every flag has to be set
+    torch.backends.cudnn.benchmark = not cudnn_benchmark
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not tf32
+    apply_backend_switches(device, cudnn_benchmark=cudnn_benchmark, tf32=tf32)
+    assert backend_flags() == {"cudnn.benchmark": cudnn_benchmark, "cuda.matmul.allow_tf32": tf32, "cudnn.allow_tf32": tf32}
+
+
+@pytest.mark.parametrize("requested", ["cpu", "mps"])
+def test_backend_switches_do_nothing_off_cuda(machine, backend_flags, requested):
+    machine(cuda=0, mps=True)
+    device, _ = resolve_device(requested)
+    before = backend_flags()
+    apply_backend_switches(device, cudnn_benchmark=not before["cudnn.benchmark"], tf32=not before["cuda.matmul.allow_tf32"])
+    assert backend_flags() == before

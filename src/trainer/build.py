@@ -6,6 +6,7 @@ Also resolves what the config left to the data (model sizes, image size, a sched
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from torch import nn
 from trainer.components import LOSSES, OPTIMIZERS, SCHEDULERS, schedule_length_kwargs, scheduler_interval
 from trainer.config import DEFAULT_EPOCHS, Config
 from trainer.data import DATASETS, DataInfo, build_data
-from trainer.device import Precision, resolve_device, resolve_precision
+from trainer.device import Precision, apply_backend_switches, resolve_device, resolve_precision
 from trainer.engine import LoopSettings, seed_everything
 from trainer.errors import UsageError, first_line
 from trainer.models import MODELS, infer_model_kwargs
@@ -41,6 +42,8 @@ class Built:
     scheduler: Any
     scaler: Any  # a GradScaler for fp16, else None
     settings: LoopSettings
+    rank: int = 0  # this process's place in a data-parallel run: the batches are its share
+    world_size: int = 1
 
 
 def _component(kind: str, name: str, build: Any) -> Any:
@@ -53,11 +56,15 @@ def _component(kind: str, name: str, build: Any) -> Any:
         raise UsageError(f"{name}() refused its arguments: {first_line(err)}", key=kind) from None
 
 
-def build_run(config: Config, *, device: str | None = None) -> Built:
-    """Seed, resolve the device, then build data, model, loss, optimizer and scheduler in that order."""
+def build_run(config: Config, *, device: str | None = None, rank: int = 0, world_size: int = 1) -> Built:
+    """Seed, resolve the device, then build data, model, loss, optimizer and scheduler in that order.
+
+    With `world_size` > 1 the batches are process `rank`'s share of every epoch (trainer.data.epoch_order).
+    """
     seed_everything(config.seed)
     torch_device, reason = resolve_device(device or config.device)
     precision = resolve_precision(config.precision, torch_device)
+    apply_backend_switches(torch_device, cudnn_benchmark=config.train.cudnn_benchmark, tf32=config.train.tf32)
     resolved = config.model_copy(deep=True)
     resolved.device = device or config.device
 
@@ -74,8 +81,19 @@ def build_run(config: Config, *, device: str | None = None) -> Built:
         seed=config.seed,
         model_input_shape=tuple(model_input_shape) if model_input_shape else None,
     )
+    if world_size > 1:
+        train_batches.shard(rank, world_size, pad=True)  # every rank takes the same number of steps
+        if val_batches is not None:
+            val_batches.shard(rank, world_size, pad=False)  # every sample counted once
     if "image_size" in DATASETS.get(config.data.name).parameters() and data_kwargs.get("image_size") is None:
         setattr(resolved.data, "image_size", info.input_shape[-1])
+    channels_last = config.train.channels_last
+    if channels_last and len(info.input_shape) != 3:
+        raise UsageError(
+            f"needs image data, batches of shape (N, C, H, W); data '{config.data.name}' gives samples of shape "
+            f"{tuple(info.input_shape)}; set train.channels_last=false",
+            key="train.channels_last",
+        )
 
     # model, with the sizes the data determines
     inferred = infer_model_kwargs(config.model.name, config.model.kwargs, info)
@@ -83,8 +101,12 @@ def build_run(config: Config, *, device: str | None = None) -> Built:
         setattr(resolved.model, key, value)
     model = _component("model", config.model.name, lambda: MODELS.build(config.model.name, **resolved.model.kwargs))
     model = model.to(torch_device)
-    train_batches = train_batches.to(torch_device)
-    val_batches = val_batches.to(torch_device) if val_batches is not None else None
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)  # 4-D weights only (convolutions)
+    train_batches = train_batches.to(torch_device, channels_last=channels_last)
+    val_batches = val_batches.to(torch_device, channels_last=channels_last) if val_batches is not None else None
+    if config.train.compile is not False:
+        compile_model(model, config.train.compile)  # in place, compiled on the first call: the one-batch check
 
     # loss and optimizer
     loss_fn = _component("loss", config.loss.name, lambda: LOSSES.build(config.loss.name, **config.loss.kwargs))
@@ -159,6 +181,28 @@ def build_run(config: Config, *, device: str | None = None) -> Built:
         scheduler=scheduler,
         scaler=precision.grad_scaler(),
         settings=settings,
+        rank=rank,
+        world_size=world_size,
+    )
+
+
+COMPILE_BACKEND: Any = "inductor"  # torch.compile's backend; tests swap in "eager" or a stub
+
+
+def compile_model(model: nn.Module, setting: bool | str) -> None:
+    """`train.compile`: torch.compile `model` in place (nn.Module.compile), so its state_dict keys stay
+    plain and checkpoints load into compiled and uncompiled models alike. Nothing is compiled until
+    the first forward pass."""
+    mode = None if setting is True or setting == "default" else setting
+    model.compile(backend=COMPILE_BACKEND, mode=mode)
+
+
+def _compile_failed(built: Built, err: BaseException) -> UsageError:
+    cause = getattr(err, "inner_exception", None) or err  # what the backend raised (BackendCompilerFailed wraps it)
+    return UsageError(
+        f"torch.compile could not compile model '{built.config.model.name}' on {built.device.type}: "
+        f"{type(cause).__name__}: {first_line(cause)}; set train.compile=false to train without compiling",
+        key="train.compile",
     )
 
 
@@ -170,13 +214,18 @@ def check_one_batch(built: Built) -> None:
     """Push one real batch through forward, loss and backward; a shape or type mismatch becomes a
     UsageError that names the model, the shapes and the config key that would fix it.
 
-    Nothing is learned: gradients are cleared and the RNG state is restored afterwards.
+    With `train.compile` the batch goes through uncompiled first (for the same messages), then
+    compiled: the model is compiled here, before a run folder exists, and a compiler that fails
+    is a UsageError naming train.compile. Nothing is learned: gradients are cleared and the RNG
+    state is restored afterwards.
     """
     rng = torch.get_rng_state()
     inputs, targets = next(iter(built.train_batches.epoch(0)))
+    compiled = built.config.train.compile is not False
     outputs = None
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        uncompiled = torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext()
+        with warnings.catch_warnings(record=True) as caught, uncompiled:
             warnings.simplefilter("always")
             with built.precision.autocast():
                 outputs = built.model(inputs)
@@ -188,6 +237,17 @@ def check_one_batch(built: Built) -> None:
                 raise RuntimeError(str(warning.message).split(". ")[0])
     except (RuntimeError, ValueError, IndexError, TypeError) as err:
         raise UsageError(_mismatch_message(built, err, inputs, targets, outputs)) from None
+    finally:
+        built.optimizer.zero_grad(set_to_none=True)
+        torch.set_rng_state(rng)
+    if not compiled:
+        return
+    try:
+        with built.precision.autocast():
+            loss = built.loss_fn(built.model(inputs), targets)
+        loss.backward()
+    except Exception as err:  # the same batch passed uncompiled: what failed is the compiler (no C++ compiler, ...)
+        raise _compile_failed(built, err) from None
     finally:
         built.optimizer.zero_grad(set_to_none=True)
         torch.set_rng_state(rng)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import random
@@ -90,12 +91,25 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def training_state(built: Any, state: Any) -> dict[str, Any]:
+def state_digest(state_dict: dict[str, Any]) -> str:
+    """SHA-256 of a state dict's names and tensor bytes: equal digests, bit-identical parameters."""
+    digest = hashlib.sha256()
+    for name, tensor in state_dict.items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def training_state(built: Any, state: Any, running_by_rank: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Everything a run needs to continue exactly: plain state dicts, tensors and numbers only,
-    so the file loads with weights_only=True."""
+    so the file loads with weights_only=True.
+
+    A data-parallel run passes every rank's `TrainState.running` (its own losses since the last
+    log point): each rank resumes with its own. Everything else is the same on every rank.
+    """
     from trainer import __version__
 
-    return {
+    payload = {
         "format": CHECKPOINT_FORMAT,
         "model": built.model.state_dict(),
         "optimizer": built.optimizer.state_dict(),
@@ -111,11 +125,15 @@ def training_state(built: Any, state: Any) -> dict[str, Any]:
             "batch_size": built.config.data.batch_size,
             "num_samples": built.train_batches.num_samples,
             "shuffle": built.config.data.shuffle,
+            "world_size": built.world_size,  # each rank's share depends on it
         },
         "rng": rng_state(),
         "config": built.config.model_dump(mode="json"),
         "versions": {"trainer": __version__, "torch": str(torch.__version__)},
     }
+    if running_by_rank is not None:
+        payload["running_by_rank"] = running_by_rank
+    return payload
 
 
 def restore(built: Any, payload: dict[str, Any], path: Path) -> Any:
@@ -128,6 +146,15 @@ def restore(built: Any, payload: dict[str, Any], path: Path) -> Any:
             f"checkpoint '{path}' was trained on {order['num_samples']} training samples, the data now gives "
             f"{built.train_batches.num_samples}: the data changed, so the data order cannot continue"
         )
+    saved_world = order.get("world_size", 1)
+    if saved_world != built.world_size:
+        def runs(n: int) -> str:
+            return "one process" if n == 1 else f"{n} processes (--nproc {n})"
+
+        raise UsageError(
+            f"checkpoint '{path}' was written by a run in {runs(saved_world)}, and this run has {runs(built.world_size)}: "
+            f"each process's share of the data depends on their number; resume with {runs(saved_world)}"
+        )
     try:
         built.model.load_state_dict(payload["model"])
         built.optimizer.load_state_dict(payload["optimizer"])
@@ -136,6 +163,8 @@ def restore(built: Any, payload: dict[str, Any], path: Path) -> Any:
         if built.scaler is not None and payload.get("scaler") is not None:
             built.scaler.load_state_dict(payload["scaler"])
         state = TrainState.from_dict(payload["train_state"])
+        if built.world_size > 1:
+            state.running = dict(payload["running_by_rank"][built.rank])
         set_rng_state(payload["rng"])
     except (KeyError, RuntimeError, ValueError, TypeError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]

@@ -28,14 +28,35 @@ EXIT_FAILED, EXIT_USAGE = 1, 2
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+def _other_rank() -> bool:
+    """Whether this process is a data-parallel rank other than 0: it prints nothing, rank 0 speaks for the job."""
+    return os.environ.get("RANK", "0") not in ("", "0") and os.environ.get("WORLD_SIZE", "1") not in ("", "1")
+
+
 def _fail(message: str, code: int) -> None:
     # markup off: messages repeat user input, which may contain [brackets]
-    err_console.print(f"error: {message}", markup=False, style="bold red" if code != EXIT_USAGE else None)
+    if not _other_rank():
+        err_console.print(f"error: {message}", markup=False, style="bold red" if code != EXIT_USAGE else None)
     raise typer.Exit(code)
 
 
 def _guarded(action: Callable[[], None]) -> None:
     """Run a command body, mapping our exceptions to a message and an exit code (never a traceback)."""
+    try:
+        _guarded_body(action)
+    except typer.Exit as done:
+        if os.environ.get("TRAINER_RESULT_FILE"):  # under `trainer run --nproc`: rank 0 reports its exit code
+            from trainer.distributed import record_exit_code
+
+            record_exit_code(done.exit_code)
+        raise
+    if os.environ.get("TRAINER_RESULT_FILE"):
+        from trainer.distributed import record_exit_code
+
+        record_exit_code(0)
+
+
+def _guarded_body(action: Callable[[], None]) -> None:
     from trainer.errors import TrainingFailed, UsageError
 
     try:
@@ -82,9 +103,40 @@ def run(
         None, "--resume", help="Continue from a checkpoint file, a run folder, or 'auto' (the newest that loads)"
     ),
     force: bool = typer.Option(False, "--force", help="Resume even if the run differs from the checkpoint's (seed, model, data, optimizer, ...)"),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Train data-parallel in N processes on this machine (torchrun); data.batch_size is per process"),
 ) -> None:
     """Train a model from CONFIG; prints the run folder."""
-    _guarded(lambda: _train(_load(config, overrides), run_dir, runs_root, device, quiet, resume, force))
+
+    def action() -> None:
+        cfg = _load(config, overrides)  # a bad config fails here, once, before any process starts
+        if nproc > 1:
+            _launch(nproc)
+        _train(cfg, run_dir, runs_root, device, quiet, resume, force)
+
+    _guarded(action)
+
+
+def _launch(nproc: int) -> None:
+    """Run this same command in `nproc` processes through torch.distributed.run, and exit with rank 0's code."""
+    from trainer.distributed import launch
+    from trainer.errors import UsageError
+
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+        raise UsageError("--nproc starts its own processes; under torchrun, leave it out", key="--nproc")
+    raise typer.Exit(launch(nproc, _without_nproc(sys.argv[1:])))
+
+
+def _without_nproc(args: list[str]) -> list[str]:
+    """The command line minus its --nproc option: what each process runs."""
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
 
 
 @app.command()
@@ -93,6 +145,7 @@ def resume(
     overrides: Optional[List[str]] = OverridesArg,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the run folder"),
     force: bool = typer.Option(False, "--force", help="Resume even if the run differs from the checkpoint's (seed, model, data, optimizer, ...)"),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Resume in N processes (torchrun); as many as the run had"),
 ) -> None:
     """Continue an interrupted run in its own folder, from its newest checkpoint that loads."""
 
@@ -102,6 +155,8 @@ def resume(
         if not (run_dir / "config.yaml").is_file():
             raise UsageError(f"'{run_dir}' is not a run folder: it has no config.yaml")
         cfg = _load(run_dir / "config.yaml", overrides)
+        if nproc > 1:
+            _launch(nproc)
         _train(cfg, None, run_dir.parent.parent, None, quiet, str(run_dir), force)
 
     _guarded(action)
@@ -113,6 +168,10 @@ def _train(cfg, run_dir, runs_root, device, quiet, resume_from, force) -> None:
     result = execute_run(
         cfg, run_dir=run_dir, root=runs_root, device=device, quiet=quiet, resume=resume_from, force=force
     )
+    if _other_rank():
+        if result.exit_code:
+            raise typer.Exit(result.exit_code)
+        return
     if result.error:
         err_console.print(f"error: {result.error}" if result.exit_code == EXIT_FAILED else result.error, markup=False)
     # the last line on stdout is the run folder, for scripts, whatever the status

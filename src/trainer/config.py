@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -61,6 +61,10 @@ class SchedulerConfig(Component):
     interval: Literal["epoch", "step"] | None = None  # when it steps; null: per step for one_cycle/cyclic, else per epoch
 
 
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]  # torch.compile's modes
+COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
+
+
 class TrainConfig(BaseModel):
     """The training budget and loop settings."""
 
@@ -73,6 +77,19 @@ class TrainConfig(BaseModel):
     checkpoint_every: int | None = Field(None, gt=0)  # optimizer steps between saves of last.pt (also at every epoch end)
     monitor: Literal["val_loss", "val_accuracy", "train_loss"] | None = None  # best.pt's metric; null: val_loss, or train_loss without validation
     mode: Literal["min", "max"] | None = None  # best is the min or max of `monitor`; null: max for accuracy, else min
+    compile: bool | CompileMode = False  # torch.compile the model: false | true | default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
+    channels_last: bool = False  # false | true: channels-last model and 4-D inputs; image data (N, C, H, W) only
+    cudnn_benchmark: bool = False  # false | true: torch.backends.cudnn.benchmark; CUDA only, not bit-exact
+    tf32: bool = False  # false | true: TF32 matmuls and cuDNN convolutions; CUDA only; false: full fp32
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_mode(cls, value: Any) -> Any:
+        if isinstance(value, bool) or (isinstance(value, str) and value in COMPILE_MODES):
+            return value
+        guess = close_match(value, COMPILE_MODES) if isinstance(value, str) else None
+        hint = f"did you mean '{guess}'? " if guess else ""
+        raise ValueError(f"{hint}accepted: false, true, {', '.join(COMPILE_MODES)}")
 
 
 DEFAULT_EPOCHS = 10
@@ -452,11 +469,12 @@ def _component_problems(data: dict[str, Any], renamed: set[str] = frozenset()) -
         kwargs = {k: v for k, v in body.items() if k != "name" and k not in own_keys}
         coerced, arg_problems = registry.check_kwargs(name, kwargs)
         hint = "; remove it with ~{section}.{arg}" if section in renamed else ""
+        entry = registry.get(name)
         problems += [
-            Problem(f"{section}.{arg}", message + hint.format(section=section, arg=arg)) for arg, message in arg_problems
+            Problem(f"{section}.{arg}", message + _elsewhere(registry, entry, section, arg) + hint.format(section=section, arg=arg))
+            for arg, message in arg_problems
         ]
         body.update(coerced)  # `lr: 3e-4` arrives as a string; store the number
-        entry = registry.get(name)
         filled_by_runner = _runner_filled(section, name)
         missing = [m for m in registry.missing_kwargs(name, kwargs) if m not in filled_by_runner]
         for arg in missing:
@@ -470,6 +488,14 @@ def _component_problems(data: dict[str, Any], renamed: set[str] = frozenset()) -
             if refused is not None:
                 problems.append(Problem(*refused))
     return problems
+
+
+def _elsewhere(registry: Registry, entry: Any, section: str, arg: str) -> str:
+    """For `fused` or `foreach` given to an optimizer without it: the optimizers that take it."""
+    if section != "optimizer" or arg not in ("fused", "foreach") or arg in entry.parameters():
+        return ""
+    having = [n for n in registry.names() if arg in registry.get(n).parameters()]
+    return f"; only {', '.join(having)} take '{arg}'" if having else ""
 
 
 def _runner_filled(section: str, name: str) -> set[str]:

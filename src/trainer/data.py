@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from trainer.errors import DataError
 from trainer.registry import Registry, RegistryError, close_match
@@ -86,6 +86,31 @@ def _permutation(n: int, seed: int, epoch: int) -> Tensor:
     return torch.randperm(n, generator=generator)
 
 
+def epoch_order(n: int, shuffle: bool, seed: int, epoch: int, rank: int = 0, world_size: int = 1, pad: bool = True) -> Tensor:
+    """The samples process `rank` of `world_size` sees in epoch `epoch`, in order.
+
+    One process sees the epoch's seeded permutation (or 0..n-1 without shuffling). With several,
+    the permutation is dealt out like DistributedSampler does: rank r takes positions r, r+W,
+    r+2W... of it, so the union of the ranks' k-th batches of b is exactly the k-th batch of W*b
+    one process would see. `pad` repeats the first samples until n divides by W, so every rank
+    takes the same number of steps (training); without it the shards may differ by one (validation).
+    """
+    order = _permutation(n, seed, epoch) if shuffle else torch.arange(n)
+    if world_size == 1:
+        return order
+    if pad and n % world_size:
+        extra = world_size - n % world_size
+        order = torch.cat([order, order.repeat(math.ceil(extra / n))[:extra]])
+    return order[rank::world_size]
+
+
+def shard_size(n: int, rank: int, world_size: int, pad: bool) -> int:
+    """len(epoch_order(n, ..., rank, world_size, pad)) without building it."""
+    if pad:
+        return math.ceil(n / world_size)
+    return len(range(rank, n, world_size))
+
+
 def _num_batches(n: int, batch_size: int, drop_last: bool) -> int:
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -128,11 +153,20 @@ class TensorBatches:
         self.seed = seed
         self.drop_last = drop_last
         self.num_samples = len(x)
+        self.rank, self.world_size, self.pad = 0, 1, True
         self._len = _num_batches(self.num_samples, batch_size, drop_last)
 
-    def to(self, device: torch.device | str) -> TensorBatches:
-        """Move x and y to `device`; returns self."""
+    def shard(self, rank: int, world_size: int, *, pad: bool) -> TensorBatches:
+        """From now on yield only process `rank`'s share of every epoch (see `epoch_order`); returns self."""
+        self.rank, self.world_size, self.pad = rank, world_size, pad
+        self._len = _num_batches(shard_size(self.num_samples, rank, world_size, pad), self.batch_size, self.drop_last)
+        return self
+
+    def to(self, device: torch.device | str, channels_last: bool = False) -> TensorBatches:
+        """Move x and y to `device`, a 4-D x in channels-last memory format if asked (once, not per batch); returns self."""
         self.x, self.y = self.x.to(device), self.y.to(device)
+        if channels_last and self.x.ndim == 4:
+            self.x = self.x.contiguous(memory_format=torch.channels_last)  # indexing and slicing keep the format
         return self
 
     def __len__(self) -> int:
@@ -141,9 +175,13 @@ class TensorBatches:
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         """The batches of epoch `epoch`, skipping the first `start_batch` (to resume mid-epoch)."""
-        order = _permutation(self.num_samples, self.seed, epoch).to(self.x.device) if self.shuffle else None
+        order = None  # plain slices (views, no copy) when neither shuffled nor sharded
+        if self.shuffle or self.world_size > 1:
+            order = epoch_order(self.num_samples, self.shuffle, self.seed, epoch, self.rank, self.world_size, self.pad)
+            order = order.to(self.x.device)
+        size = self.num_samples if order is None else len(order)
         for b in range(start_batch, self._len):
-            lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, self.num_samples)
+            lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, size)
             if order is None:
                 yield self.x[lo:hi], self.y[lo:hi]  # views: no copy when not shuffling
             else:
@@ -151,24 +189,28 @@ class TensorBatches:
                 yield self.x[index], self.y[index]
 
 
-class _EpochSampler(Sampler[int]):
-    """Yields the sample order `TensorBatches` uses for (seed, epoch), from sample `start` on.
+class _EpochSampler(DistributedSampler):
+    """A DistributedSampler that yields `epoch_order` (the order `TensorBatches` uses), from sample
+    `start` on; with one process, simply that epoch's permutation.
 
-    It runs in the main process (workers only load samples), so setting `epoch` and `start`
-    before each `iter(loader)` takes effect even with persistent workers.
+    It runs in the main process (workers only load samples), so `set_epoch` and `start` before
+    each `iter(loader)` take effect even with persistent workers.
     """
 
-    def __init__(self, n: int, shuffle: bool, seed: int) -> None:
+    def __init__(self, n: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1, pad: bool = True) -> None:
+        # not super().__init__: it wants a dataset and draws its own permutation; these are the
+        # attributes DistributedSampler's users read
         self.n, self.shuffle, self.seed = n, shuffle, seed
+        self.rank, self.num_replicas, self.pad = rank, world_size, pad
         self.epoch = 0
         self.start = 0
 
     def __iter__(self) -> Iterator[int]:
-        order = _permutation(self.n, self.seed, self.epoch) if self.shuffle else torch.arange(self.n)
+        order = epoch_order(self.n, self.shuffle, self.seed, self.epoch, self.rank, self.num_replicas, self.pad)
         return iter(order[self.start :].tolist())
 
     def __len__(self) -> int:
-        return max(0, self.n - self.start)
+        return max(0, shard_size(self.n, self.rank, self.num_replicas, self.pad) - self.start)
 
 
 def _ignore_sigint(worker_id: int) -> None:
@@ -199,12 +241,23 @@ class LoaderBatches:
             num_workers = max(0, min(4, (os.cpu_count() or 1) - 1))  # leave a core for the loop
         self.num_workers = num_workers
         self.device: torch.device | None = None
+        self.channels_last = False
         self._sampler = _EpochSampler(self.num_samples, shuffle, seed)
         self._loader: DataLoader | None = None  # built on first use, once the device is known
 
-    def to(self, device: torch.device | str) -> LoaderBatches:
-        """Batches will be copied to `device` (pinned, non-blocking when it is CUDA); returns self."""
+    def shard(self, rank: int, world_size: int, *, pad: bool) -> LoaderBatches:
+        """From now on yield only process `rank`'s share of every epoch (see `epoch_order`); returns self."""
+        sampler = self._sampler
+        self._sampler = _EpochSampler(sampler.n, sampler.shuffle, sampler.seed, rank, world_size, pad)
+        self._len = _num_batches(len(self._sampler), self.batch_size, self.drop_last)
+        self._loader = None
+        return self
+
+    def to(self, device: torch.device | str, channels_last: bool = False) -> LoaderBatches:
+        """Batches will be copied to `device` (pinned, non-blocking when it is CUDA), 4-D inputs then
+        converted to channels-last memory format there if asked; returns self."""
         self.device = torch.device(device)
+        self.channels_last = channels_last
         self._loader = None  # pin_memory depends on the device
         return self
 
@@ -235,13 +288,15 @@ class LoaderBatches:
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         """The batches of epoch `epoch` on the device, skipping the first `start_batch`."""
         loader = self._get_loader()
-        self._sampler.epoch = epoch
+        self._sampler.set_epoch(epoch)
         # start on a batch boundary so the remaining batches are exactly the tail of the full epoch
         self._sampler.start = start_batch * self.batch_size
         for x, y in loader:
             if self.device is not None:
                 x = x.to(self.device, non_blocking=self._cuda)
                 y = y.to(self.device, non_blocking=self._cuda)
+            if self.channels_last and x.ndim == 4:
+                x = x.contiguous(memory_format=torch.channels_last)  # on the device, after the copy
             yield x, y
 
 

@@ -1,4 +1,4 @@
-"""Device and precision resolution: `auto` -> cuda -> mps -> cpu, and autocast settings."""
+"""Device and precision resolution: `auto` -> cuda -> mps -> cpu, autocast settings, and the CUDA backend flags."""
 
 from __future__ import annotations
 
@@ -96,3 +96,17 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
         )
     dtype = torch.bfloat16 if name == "bf16" else torch.float16
     return Precision(name, device.type, dtype)
+
+
+def apply_backend_switches(device: torch.device, *, cudnn_benchmark: bool, tf32: bool) -> None:
+    """Set the process-wide CUDA backend flags from `train.cudnn_benchmark` and `train.tf32`.
+
+    On a CUDA device both are set to the config's values, so a run's numerics follow its config and
+    not whatever ran before in the process (torch's own default lets cuDNN convolutions use TF32).
+    On any other device they do nothing, and nothing is changed.
+    """
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32

@@ -48,6 +48,17 @@ class Tracker(Protocol):
     ) -> None: ...
 
 
+class Collectives(Protocol):
+    """What the loop needs in a data-parallel run (trainer.distributed.Distributed): in-place
+    reductions over all ranks, called at log points and epoch ends only."""
+
+    world_size: int
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+    def min(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+
 @dataclass
 class TrainState:
     """Where training is: enough to report, checkpoint and resume exactly."""
@@ -91,20 +102,34 @@ def _first_not_finite(losses: torch.Tensor, first_step: int) -> int | None:
     return first_step + int(torch.argmax(not_finite.to(torch.uint8)))
 
 
-def check_finite(running: dict[str, Any]) -> None:
+_NONE = 2**62  # "no bad step" in a min-reduction over ranks
+
+
+def _agreed_step(step: int | None, dist: Collectives | None, device: Any) -> int | None:
+    """The earliest bad step of any rank (a collective: every rank must call it), or None."""
+    if dist is None:
+        return step
+    earliest = int(dist.min(torch.tensor([_NONE if step is None else step], device=device)).item())
+    return None if earliest == _NONE else earliest
+
+
+def check_finite(running: dict[str, Any], dist: Collectives | None = None) -> None:
     """Raise TrainingFailed naming the first step whose loss was not finite (one host sync).
 
     `running` is `TrainState.running`; the runner calls this before writing a checkpoint, so a
     NaN never overwrites the last good one. Only the losses not folded in yet need a look: every
     fold is followed by a read of a sum that holds them, which raises on a non-finite value.
+    With `dist`, every rank must call it, and all raise together.
     """
     pending = running.get("pending")
+    step = None
     if pending:
         # without folding: a fold here would change the order of the float sums, and a resumed
         # run would log different numbers
         step = _first_not_finite(torch.stack(pending).float(), running["pending_first_step"])
-        if step is not None:
-            raise _not_finite(step)
+    step = _agreed_step(step, dist, running["window_loss"].device)
+    if step is not None:
+        raise _not_finite(step)
 
 
 def fold_pending(running: dict[str, Any]) -> tuple[torch.Tensor, int] | None:
@@ -127,9 +152,10 @@ def fold_pending(running: dict[str, Any]) -> tuple[torch.Tensor, int] | None:
     return losses, first
 
 
-def _raise_not_finite(folded: tuple[torch.Tensor, int] | None, step: int) -> None:
-    """A read sum was not finite: name the first bad step among the losses just folded."""
+def _raise_not_finite(folded: tuple[torch.Tensor, int] | None, step: int, dist: Collectives | None, device: Any) -> None:
+    """A read sum was not finite: name the first bad step among the losses just folded (of any rank)."""
     bad = _first_not_finite(*folded) if folded is not None else None
+    bad = _agreed_step(bad, dist, device)
     raise _not_finite(bad if bad is not None else step)
 
 
@@ -142,7 +168,8 @@ class Running:
     exactly the numbers the uninterrupted run would have logged.
     """
 
-    def __init__(self, state: TrainState, device: torch.device) -> None:
+    def __init__(self, state: TrainState, device: torch.device, dist: Collectives | None = None) -> None:
+        self.dist, self.device = dist, device
         v = self.values = state.running
         for name in ("window_loss", "epoch_loss", "grad_norm"):
             v[name] = v.get(name, torch.zeros(())).to(device)
@@ -167,11 +194,12 @@ class Running:
         """The mean loss (and max pre-clip gradient norm) since the last log point; then start a new window."""
         folded = fold_pending(self.values)
         v = self.values
-        loss = (v["window_loss"] / max(v["window_batches"], 1)).item()
+        loss = self._mean(v["window_loss"], v["window_batches"])
         if not math.isfinite(loss):
-            _raise_not_finite(folded, v["pending_first_step"] - 1)
+            _raise_not_finite(folded, v["pending_first_step"] - 1, self.dist, self.device)
         elapsed = time.perf_counter() - self.window_started
-        out = {"loss": loss, "samples_per_s": v["window_samples"] / elapsed if elapsed > 0 else 0.0}
+        samples = v["window_samples"] * (self.dist.world_size if self.dist is not None else 1)  # all ranks' batches are equal
+        out = {"loss": loss, "samples_per_s": samples / elapsed if elapsed > 0 else 0.0}
         if self.clipping:
             out["grad_norm"] = v["grad_norm"].item()
             v["grad_norm"].zero_()
@@ -180,13 +208,20 @@ class Running:
         self.window_started = time.perf_counter()
         return out
 
+    def _mean(self, total: torch.Tensor, count: int) -> float:
+        """total / count (one host sync), over all ranks in a data-parallel run."""
+        if self.dist is None:
+            return (total / max(count, 1)).item()
+        both = self.dist.sum(torch.stack([total.double(), torch.tensor(float(count), dtype=torch.float64, device=self.device)]))
+        return (both[0] / both[1].clamp(min=1)).item()
+
     def read_epoch(self) -> float | None:
         """The epoch's mean training loss; then start a new epoch."""
         folded = fold_pending(self.values)
         v = self.values
-        mean = (v["epoch_loss"] / v["epoch_batches"]).item() if v["epoch_batches"] else None
+        mean = self._mean(v["epoch_loss"], v["epoch_batches"]) if v["epoch_batches"] else None
         if mean is not None and not math.isfinite(mean):
-            _raise_not_finite(folded, v["pending_first_step"] - 1)
+            _raise_not_finite(folded, v["pending_first_step"] - 1, self.dist, self.device)
         v["epoch_loss"].zero_()
         v["epoch_batches"] = 0
         return mean
@@ -286,9 +321,11 @@ def train_epoch(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, batches: Batches, loss_fn: nn.Module, *, precision: Precision, classification: bool
+    model: nn.Module, batches: Batches, loss_fn: nn.Module, *, precision: Precision, classification: bool,
+    dist: Collectives | None = None,
 ) -> dict[str, float]:
-    """Mean loss (weighted by batch size) and, for classification, accuracy over `batches`."""
+    """Mean loss (weighted by batch size) and, for classification, accuracy over `batches`
+    (over every rank's share of them with `dist`)."""
     model.eval()
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device)
@@ -304,6 +341,9 @@ def evaluate(
         if classification:
             correct += (outputs.argmax(dim=1) == targets).sum()
         seen += n
+    if dist is not None:
+        totals = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=device)])
+        loss_sum, correct, seen = dist.sum(totals)[0], totals[1], int(totals[2].item())
     if seen == 0:
         return {}
     metrics = {"loss": loss_sum.item() / seen}
@@ -337,6 +377,7 @@ def fit(
     state: TrainState | None = None,
     after_step: Callable[[TrainState], None] | None = None,
     on_epoch_end: Callable[[TrainState, set[str]], None] | None = None,
+    dist: Collectives | None = None,
 ) -> TrainState:
     """Train for `settings.epochs` epochs or `settings.max_steps` steps, whichever comes first.
 
@@ -344,9 +385,16 @@ def fit(
     runs after every optimizer step and `on_epoch_end(state, improved)` after each epoch's
     validation, with the names of the metrics that reached a new best (the runner saves
     checkpoints in both).
+
+    In a data-parallel run `model` is the DistributedDataParallel wrapper, `train_batches` and
+    `val_batches` this rank's shares, and `dist` averages the logged losses and validation
+    metrics over the ranks.
     """
     state = state or TrainState()
-    running = Running(state, next(model.parameters()).device)
+    running = Running(state, next(model.parameters()).device, dist)
+    # validation runs each rank's share through the bare model: DDP's forward would sync buffers,
+    # and the shares may differ in length by a batch
+    eval_model = model.module if dist is not None else model
     last_step = settings.last_step(len(train_batches))
     while state.epoch < settings.epochs and state.step < last_step:
         started = time.perf_counter()
@@ -365,8 +413,10 @@ def fit(
 
         # validate
         state.val = {}
-        if val_batches is not None and len(val_batches) > 0:
-            state.val = evaluate(model, val_batches, loss_fn, precision=precision, classification=settings.classification)
+        if val_batches is not None and val_batches.num_samples > 0:  # the same on every rank, unlike len()
+            state.val = evaluate(
+                eval_model, val_batches, loss_fn, precision=precision, classification=settings.classification, dist=dist
+            )
             if tracker is not None:
                 tracker.log_val(step=state.step, epoch=state.epoch, metrics=state.val)
 

@@ -72,10 +72,12 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def environment(device: str, device_reason: str) -> dict[str, Any]:
-    """What env.json records: command line, versions, device, git commit."""
+def environment(device: str, device_reason: str, dist: Any = None) -> dict[str, Any]:
+    """What env.json records: command line, versions, device, git commit, and the processes of a
+    data-parallel run."""
     import torch
 
+    processes = {"world_size": dist.world_size, "backend": "nccl" if device.startswith("cuda") else "gloo"} if dist else None
     return {
         "command": sys.argv,
         "cwd": os.getcwd(),
@@ -88,6 +90,7 @@ def environment(device: str, device_reason: str) -> dict[str, Any]:
         "device": device,
         "device_reason": device_reason,
         "git_commit": _git_commit(),
+        "distributed": processes,
     }
 
 
@@ -175,8 +178,18 @@ def execute_run(
     from trainer.models import count_parameters
     from trainer.tracking import Tracker
 
-    built = build_run(config, device=device)
+    from trainer import distributed
+
+    # a data-parallel run: torchrun started this process as one rank of several
+    dist = distributed.from_environment()
+    if dist is not None:
+        import torch
+
+        device = distributed.rank_device(device or config.device, dist)
+        distributed.join(dist, torch.device(device))
+    built = build_run(config, device=device, **({"rank": dist.rank, "world_size": dist.world_size} if dist else {}))
     check_one_batch(built)
+    main = dist is None or dist.is_main  # the one process that writes files and prints
     checkpoint = None
     if resume is not None:
         if run_dir is not None:
@@ -190,12 +203,17 @@ def execute_run(
             )
         refuse_changed_run(payload["config"], built.config.model_dump(mode="json"), checkpoint, force=force)
         state = restore(built, payload, checkpoint)
-        _note_resume(folder, checkpoint, state.step)
+        if main:
+            _note_resume(folder, checkpoint, state.step)
     else:
-        folder = create_run_dir(built.config.name, root=root, run_dir=run_dir)
-        write_json(folder / "env.json", environment(str(built.device), built.device_reason))
+        folder = _shared(dist, lambda: create_run_dir(built.config.name, root=root, run_dir=run_dir))
+        if main:
+            write_json(folder / "env.json", environment(str(built.device), built.device_reason, dist))
         state = TrainState()
-    (folder / "config.yaml").write_text(built.config.to_yaml(), encoding="utf-8")
+    if main:
+        (folder / "config.yaml").write_text(built.config.to_yaml(), encoding="utf-8")
+    # the model the loop trains: DDP averages the gradients; checkpoints save built.model, which it shares
+    model = distributed.wrap(built.model, built.device) if dist is not None else built.model
 
     settings = built.settings
     steps_per_epoch = len(built.train_batches)
@@ -204,10 +222,14 @@ def execute_run(
     started = time.perf_counter()
     # an explicit --run-dir is not under a runs root, so the hint names the folder itself
     logdir = Path(root) if folder.parent.parent == Path(root) else folder
-    tracker = Tracker(
-        folder, console=console, quiet=quiet, tensorboard=tensorboard, tensorboard_logdir=logdir, resume_step=state.step
-    )
+    if main:
+        tracker = Tracker(
+            folder, console=console, quiet=quiet, tensorboard=tensorboard, tensorboard_logdir=logdir, resume_step=state.step
+        )
+    else:  # the other ranks print nothing and write no files
+        tracker = Tracker(None, console=console, quiet=True, tensorboard=False, jsonl=False)
     train_seconds = 0.0
+    digests: list[str] | None = None  # each rank's parameters at the end of a data-parallel run
     with StopRequests() as stop:
         try:
             tracker.run_started(
@@ -222,37 +244,51 @@ def execute_run(
                 steps_per_epoch=steps_per_epoch,
                 total_steps=last_step,
                 batch_size=built.config.data.batch_size,
+                processes=built.world_size,
             )
             if state.step:
                 tracker.message(f"resumed from {checkpoint} at step {state.step} (epoch {state.epoch + 1})")
-            checkpoints = Checkpoints(built, folder / "checkpoints")
+            checkpoints = Checkpoints(built, folder / "checkpoints", dist)
             injected_stop = _injected_stop()
             every = built.config.train.checkpoint_every or 0  # read once: after_step runs every step
+            log_every = settings.log_every
+
+            def stop_signal(state: TrainState, at_epoch_end: bool = False) -> int | None:
+                """The signal to stop on, agreed by all ranks at log points and epoch ends."""
+                if dist is None:
+                    return stop.signum
+                if at_epoch_end or state.step % log_every == 0 or state.step >= last_step:
+                    return dist.max_int(stop.signum or 0, built.device) or None
+                return None  # between log points a rank goes on: all must stop after the same step
 
             def after_step(state: TrainState) -> None:
                 injected_stop(state.step)
+                signum = stop_signal(state)
                 # at an epoch's last batch (or the run's) the epoch-end hook below saves, after validation
                 if state.batch_in_epoch >= steps_per_epoch or state.step >= last_step:
                     return
-                if stop.signum is not None or (every and state.step % every == 0):
+                if signum is not None or (every and state.step % every == 0):
                     checkpoints.save_last(state)
-                if stop.signum is not None:
-                    raise Stopped(stop.signum)
+                if signum is not None:
+                    raise Stopped(signum)
 
             def on_epoch_end(state: TrainState, improved: set[str]) -> None:
                 is_best = checkpoints.record_best(state)  # first, so last.pt carries the new best value
                 checkpoints.save_last(state)
                 if is_best:
                     checkpoints.save_best(state)
-                if stop.signum is not None and state.step < last_step:
-                    raise Stopped(stop.signum)
+                signum = stop_signal(state, at_epoch_end=True)
+                if signum is not None and state.step < last_step:
+                    raise Stopped(signum)
 
             fit_started = time.perf_counter()
             fit(
-                built.model, built.train_batches, built.val_batches, built.loss_fn, built.optimizer, settings,
+                model, built.train_batches, built.val_batches, built.loss_fn, built.optimizer, settings,
                 precision=built.precision, scheduler=built.scheduler, scaler=built.scaler, tracker=tracker,
-                state=state, after_step=after_step, on_epoch_end=on_epoch_end,
+                state=state, after_step=after_step, on_epoch_end=on_epoch_end, dist=dist,
             )  # fmt: skip
+            if dist is not None:
+                digests = _check_ranks_agree(built, dist)
             train_seconds = time.perf_counter() - fit_started
             status, exit_code = "completed", 0
         except KeyboardInterrupt:
@@ -262,13 +298,20 @@ def execute_run(
         except TrainingFailed as err:
             status, error = "failed", str(err)
         except Exception as err:
-            error = f"{type(err).__name__}: {err}"
-            raise
+            if dist is not None and distributed.lost_peer(err):
+                # another rank died (torchrun stops the job) or its collective failed
+                status, error = "failed", f"another process of the run is gone: {first_line(err)}"
+            else:
+                error = f"{type(err).__name__}: {err}"
+                raise
         finally:
             seconds = time.perf_counter() - started
             summary = _summary(status, error, state, seconds, built)
             summary["train_time_s"] = round(train_seconds, 4)  # the loop alone: epochs, validation, checkpoints
-            write_json(folder / "summary.json", summary)
+            if dist is not None:
+                summary["processes"] = {"world_size": dist.world_size, "parameters_sha256": digests}
+            if main:
+                write_json(folder / "summary.json", summary)
             if status == "completed":
                 tracker.log_hparams(_hparams(built.config), {f"best/{k}": v for k, v in summary["best"].items()})
             tracker.finished(
@@ -276,17 +319,55 @@ def execute_run(
                 steps=summary["steps"], epochs=summary["epochs"], seconds=seconds,
             )  # fmt: skip
             if status == "interrupted" and (folder / "checkpoints" / "last.pt").exists():
-                tracker.message(f"resume with: trainer resume {folder}")
+                nproc = f" --nproc {built.world_size}" if dist is not None else ""
+                tracker.message(f"resume with: trainer resume {folder}{nproc}")
             tracker.close()
+            if dist is not None and status != "failed":
+                distributed.leave()  # after a failure the other ranks may be gone; torchrun ends this one
     return RunResult(status, folder, summary, error, exit_code)
 
 
-class Checkpoints:
-    """last.pt and best.pt of one run; a save never leaves a NaN state or a half-written file behind."""
+def _shared(dist: Any, make: Callable[[], Path]) -> Path:
+    """`make()` on rank 0, its result on every rank; an error there is raised on every rank."""
+    if dist is None:
+        return make()
+    result: Path | str
+    try:
+        result = make() if dist.is_main else ""
+    except UsageError as err:
+        result = f"error:{err}"
+    result = dist.broadcast(str(result))
+    if result.startswith("error:"):
+        raise UsageError(result[len("error:") :])
+    return Path(result)
 
-    def __init__(self, built: Any, folder: Path) -> None:
+
+def _check_ranks_agree(built: Any, dist: Any) -> list[str] | None:
+    """DDP keeps the ranks' parameters equal; a module that breaks that (say, a buffer updated on one
+    rank only) would save rank 0's copy silently. One gather at the end of the run tells; returns
+    each rank's SHA-256 of its state dict (on rank 0), which summary.json records."""
+    from trainer.checkpoint import state_digest
+
+    digests = dist.gather(state_digest(built.model.state_dict()))
+    if dist.is_main and len(set(digests)) > 1:
+        raise TrainingFailed(
+            "the ranks' parameters differ at the end of training (a buffer or parameter updated outside "
+            "DistributedDataParallel?); checkpoints hold rank 0's"
+        )
+    return digests
+
+
+class Checkpoints:
+    """last.pt and best.pt of one run; a save never leaves a NaN state or a half-written file behind.
+
+    In a data-parallel run every rank calls each save at the same step; rank 0 writes the file.
+    """
+
+    def __init__(self, built: Any, folder: Path, dist: Any = None) -> None:
         self.built = built
         self.folder = folder
+        self.dist = dist
+        self.main = dist is None or dist.is_main
         train = built.config.train
         # by default the val loss decides, or the train loss without validation (build_run refuses
         # an explicit val_* monitor then)
@@ -294,25 +375,38 @@ class Checkpoints:
         self.mode = train.mode or ("max" if "accuracy" in self.monitor else "min")
         self.last_saved_step: int | None = None
         # a process killed mid-save (SIGKILL, power loss) leaves its temporary file; only one run writes here
-        for stale in folder.glob(".*.pt.*.tmp") if folder.is_dir() else []:
+        for stale in folder.glob(".*.pt.*.tmp") if folder.is_dir() and self.main else []:
             stale.unlink(missing_ok=True)
 
     def _save(self, state: Any, name: str) -> None:
-        from trainer.checkpoint import atomic_link, atomic_save, training_state
         from trainer.engine import check_finite
 
-        check_finite(state.running)  # a non-finite loss must not overwrite the last good checkpoint
+        check_finite(state.running, self.dist)  # a non-finite loss must not overwrite the last good checkpoint
+        running_by_rank = None
+        if self.dist is not None:
+            running_by_rank = self.dist.gather(_on_cpu(state.running))
+        error = self._write(state, name, running_by_rank) if self.main else None
+        if self.dist is not None:
+            error = self.dist.broadcast(error)  # every rank stops if rank 0 could not write
+        if error:
+            raise TrainingFailed(error)
+        if name == "last.pt":
+            self.last_saved_step = state.step
+
+    def _write(self, state: Any, name: str, running_by_rank: list[dict[str, Any]] | None) -> str | None:
+        """Write the file; the reason it could not be written, or None."""
+        from trainer.checkpoint import atomic_link, atomic_save, training_state
+
         path = self.folder / name
         try:
             # last.pt already holds this very state (the epoch end saves it first): link, don't write again
             if name != "last.pt" and self.last_saved_step == state.step and atomic_link(self.folder / "last.pt", path):
-                return
-            atomic_save(training_state(self.built, state), path)
+                return None
+            atomic_save(training_state(self.built, state, running_by_rank), path)
         except (OSError, RuntimeError) as err:  # torch's zip writer reports a full disk as a RuntimeError
             reason = getattr(err, "strerror", None) or first_line(err)
-            raise TrainingFailed(f"cannot write checkpoint '{path}': {reason}; the previous one is intact") from None
-        if name == "last.pt":
-            self.last_saved_step = state.step
+            return f"cannot write checkpoint '{path}': {reason}; the previous one is intact"
+        return None
 
     def save_last(self, state: Any) -> None:
         self._save(state, "last.pt")
@@ -419,6 +513,17 @@ def _trainer_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT or "config" not in payload:
         raise UsageError(f"checkpoint '{path}' is not a trainer checkpoint (format {CHECKPOINT_FORMAT})")
     return payload
+
+
+def _on_cpu(running: dict[str, Any]) -> dict[str, Any]:
+    """A rank's `TrainState.running` with its tensors on the CPU, to gather into rank 0's checkpoint."""
+    out: dict[str, Any] = {}
+    for key, value in running.items():
+        if isinstance(value, list):
+            out[key] = [v.detach().cpu() for v in value]
+        else:
+            out[key] = value.detach().cpu() if hasattr(value, "detach") else value
+    return out
 
 
 def _mtime(path: Path) -> float:

@@ -341,8 +341,12 @@ class Tracker:
         steps_per_epoch: int,
         total_steps: int,
         batch_size: int,
+        processes: int = 1,
     ) -> None:
-        """Print a short header: run name and folder, device and why, model, data, budget."""
+        """Print a short header: run name and folder, device and why, model, data, budget.
+
+        With several `processes` (data-parallel), `batch_size` is each one's and the header gives the global batch.
+        """
         self._epochs = epochs
         self._steps = steps_per_epoch
         if self.quiet:
@@ -353,7 +357,10 @@ class Tracker:
             budget += f" (stops after {total_steps:,} steps)"
         else:
             budget += f" = {total_steps:,} steps"
-        budget += f", batch size {batch_size:,}"
+        if processes > 1:
+            budget += f", batch size {batch_size:,} per process x {processes} processes = {batch_size * processes:,}"
+        else:
+            budget += f", batch size {batch_size:,}"
         rows = [
             ("run", f"{name}" + (f"  {run_dir}" if run_dir is not None else "  (no run folder)")),
             ("device", reason),

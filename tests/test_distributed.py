@@ -1,0 +1,266 @@
+"""Data-parallel runs: real `trainer run --nproc 2` and real torchrun processes, gloo over loopback.
+
+Every process here talks over 127.0.0.1 only (MASTER_ADDR and GLOO_SOCKET_IFNAME=lo).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import trainer_executable
+from trainer.checkpoint import state_digest
+from trainer.distributed import Distributed, from_environment, launch_command, rank_device
+from trainer.errors import UsageError
+
+LOOPBACK = {"MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
+
+
+@pytest.fixture
+def env():
+    return {**os.environ, **LOOPBACK, "COLUMNS": "120"}
+
+
+def classification(model: dict, input_shape: list[int], *, size=128, batch_size=16, epochs=2, **train) -> dict:
+    return {
+        "name": "ddp",
+        "model": model,
+        "data": {"name": "random", "size": size, "input_shape": input_shape, "num_classes": 3,
+                 "batch_size": batch_size, "val_fraction": 0.25},
+        "loss": {"name": "cross_entropy"},
+        "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+        "train": {"epochs": epochs, "log_every": 1, **train},
+    }  # fmt: skip
+
+
+MLP = ({"name": "mlp", "hidden": 16}, [8])
+LENET = ({"name": "lenet", "num_classes": 3}, [1, 32, 32])
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def points(folder: Path) -> list[dict]:
+    """metrics.jsonl without what depends on the clock."""
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in ("time", "samples_per_s")} for row in rows]
+
+
+def torchrun(args: list, *, cwd: Path, env: dict, port: int) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "trainer", *map(str, args),
+    ]  # fmt: skip
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# whole runs
+
+
+def check_one_run_folder(code: int, stdout: str, stderr: str, root: Path) -> Path:
+    """A 2-process run that made one folder, printed by rank 0 alone, with identical parameters on both ranks."""
+    assert code == 0, stderr
+    folders = list(root.iterdir())
+    assert len(folders) == 1  # rank 1 made none of its own
+    folder = folders[0]
+    # rank 0 alone speaks: one header, and the folder as the last line
+    assert stdout.strip().splitlines()[-1].endswith(str(Path(root.name) / folder.name))
+    assert stdout.count("device cpu") == 1
+    assert "batch size 16 per process x 2 processes = 32" in stdout
+    assert "Traceback" not in stderr
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    # both ranks ended with bit-identical parameters, and they are the ones saved
+    digests = summary["processes"]["parameters_sha256"]
+    assert summary["processes"]["world_size"] == 2 and len(digests) == 2
+    assert digests[0] == digests[1] == state_digest(load(folder / "checkpoints" / "last.pt")["model"])
+    assert json.loads((folder / "env.json").read_text())["distributed"] == {"world_size": 2, "backend": "gloo"}
+    return folder
+
+
+def test_torchrun_starts_a_two_process_run_with_one_run_folder(write_config, tmp_path, env):
+    done = torchrun(["run", write_config(classification(*MLP))], cwd=tmp_path, env=env, port=free_port())
+    folder = check_one_run_folder(done.returncode, done.stdout, done.stderr, tmp_path / "runs" / "ddp")
+    # 96 training samples in global batches of 32: 3 steps an epoch, each logged once
+    assert [p["step"] for p in points(folder) if p["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("model", [MLP, LENET], ids=["mlp", "lenet"])
+def test_two_processes_at_batch_b_follow_one_process_at_batch_2b(model, cli, write_config, tmp_path):
+    two = cli("run", write_config(classification(*model, batch_size=16), "two"), "--nproc", "2",
+              "--runs-root", tmp_path / "two", env=LOOPBACK)  # fmt: skip
+    two_folder = check_one_run_folder(two.code, two.stdout, two.stderr, tmp_path / "two" / "ddp")
+    one = cli("run", write_config(classification(*model, batch_size=32), "one"), "--run-dir", tmp_path / "one")
+    assert one.code == 0, one.stderr
+    a, b = load(two_folder / "checkpoints" / "last.pt"), load(tmp_path / "one" / "checkpoints" / "last.pt")
+    assert a["train_state"]["step"] == b["train_state"]["step"] == 6
+    for name, value in b["model"].items():
+        assert torch.allclose(a["model"][name], value, rtol=0, atol=1e-5), name
+    # the logged losses and validation metrics are the global ones: averaged over the ranks
+    for p, q in zip(points(two_folder), points(tmp_path / "one"), strict=True):
+        assert p.keys() == q.keys() and p["step"] == q["step"]
+        for key in ("loss", "accuracy"):
+            if key in q:
+                assert p[key] == pytest.approx(q[key], abs=1e-5)
+
+
+def test_stop_at_step_k_and_resume_with_two_processes_equals_the_uninterrupted_run(cli, write_config, tmp_path):
+    config = write_config(classification(*MLP, epochs=3, checkpoint_every=2))
+    full = cli("run", config, "--nproc", "2", "--run-dir", tmp_path / "full", env=LOOPBACK)
+    cut = cli("run", config, "--nproc", "2", "--run-dir", tmp_path / "cut", env={**LOOPBACK, "TRAINER_STOP_AT_STEP": "4"})
+    assert full.code == 0, full.stderr
+    assert cut.code == 143, cut.stderr
+    assert "stopped by SIGTERM after step 4" in cut.stderr
+    saved = tmp_path / "cut" / "checkpoints" / "last.pt"
+    assert load(saved)["train_state"]["step"] == 4
+
+    # another number of processes would deal out other shards: refused, and nothing changes on disk
+    before = saved.read_bytes()
+    refused = cli("resume", tmp_path / "cut")
+    assert refused.code == 2
+    assert "written by a run in 2 processes (--nproc 2)" in refused.stderr
+    assert "resume with 2 processes" in refused.stderr and "Traceback" not in refused.stderr
+    assert saved.read_bytes() == before
+
+    resumed = cli("resume", tmp_path / "cut", "--nproc", "2", env=LOOPBACK)
+    assert resumed.code == 0, resumed.stderr
+    a, b = load(tmp_path / "full" / "checkpoints" / "last.pt"), load(saved)
+    assert state_digest(a["model"]) == state_digest(b["model"])  # bit-exact
+    assert a["optimizer"]["state"][0]["momentum_buffer"].equal(b["optimizer"]["state"][0]["momentum_buffer"])
+    assert points(tmp_path / "full") == points(tmp_path / "cut")  # the same logged numbers, step for step
+
+
+def test_a_bad_config_fails_once_before_any_process_starts(cli, write_config):
+    config = write_config(classification(*MLP) | {"optimizer": {"name": "adamw8"}})
+    started = time.perf_counter()
+    result = cli("run", config, "--nproc", "2", env=LOOPBACK)
+    assert result.code == 2
+    assert result.stderr.count("unknown optimizer 'adamw8'") == 1
+    assert time.perf_counter() - started < 30  # no torchrun, no process group to time out
+
+
+# ---------------------------------------------------------------------------------------------
+# a rank that dies, a signal to the launcher
+
+
+def _rank_pid(launcher: subprocess.Popen, rank: int) -> int:
+    """The pid of the worker process with RANK=rank under this launcher (read from /proc)."""
+    children = {launcher.pid}
+    for _ in range(3):  # launcher -> torchrun -> workers
+        for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+            try:
+                parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if parent in children:
+                children.add(pid)
+    for pid in children - {launcher.pid}:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ and b"LOCAL_RANK=" + str(rank).encode() in environ:
+            return pid
+    raise AssertionError(f"no process with RANK={rank} under {launcher.pid}")
+
+
+def _start_long_run(write_config, tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    config = write_config(classification(*MLP, size=4096, epochs=1000, checkpoint_every=20) | {"name": "long"})
+    folder = tmp_path / "long"
+    launcher = subprocess.Popen(
+        [trainer_executable(), "run", str(config), "--nproc", "2", "--run-dir", str(folder)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **LOOPBACK},
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (folder / "checkpoints" / "last.pt").exists():
+        assert launcher.poll() is None, launcher.communicate()
+        assert time.monotonic() < deadline, "no checkpoint after 120 s"
+        time.sleep(0.1)
+    return launcher, folder
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the rank's process in /proc")
+@pytest.mark.parametrize("rank", [0, 1])
+def test_killing_one_rank_ends_the_job_and_leaves_a_loadable_checkpoint(rank, write_config, tmp_path):
+    launcher, folder = _start_long_run(write_config, tmp_path)
+    os.kill(_rank_pid(launcher, rank), signal.SIGKILL)
+    killed = time.monotonic()
+    _, stderr = launcher.communicate(timeout=90)
+    assert time.monotonic() - killed < 60
+    assert launcher.returncode not in (0, None)
+    assert "Traceback" not in stderr
+    assert f"rank {rank}" in stderr if rank == 0 else "another process of the run is gone" in stderr
+    assert load(folder / "checkpoints" / "last.pt")["train_state"]["step"] > 0
+
+
+def test_sigterm_to_the_launcher_stops_every_rank_after_the_same_step(write_config, tmp_path):
+    launcher, folder = _start_long_run(write_config, tmp_path)
+    launcher.send_signal(signal.SIGTERM)
+    stdout, stderr = launcher.communicate(timeout=90)
+    assert launcher.returncode == 143, stderr
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    saved = load(folder / "checkpoints" / "last.pt")
+    assert saved["train_state"]["step"] == summary["steps"]
+    assert f"stopped by SIGTERM after step {summary['steps']}" in stderr
+    assert "--nproc 2" in stdout  # the resume hint keeps the number of processes
+
+
+# ---------------------------------------------------------------------------------------------
+# the pieces, in process
+
+
+def test_from_environment_reads_torchruns_variables(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert from_environment() is None
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert from_environment() is None  # one process under torchrun is a plain run
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert from_environment() == Distributed(rank=3, world_size=4, local_rank=1)
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(UsageError, match="RANK 4 is outside 0..3"):
+        from_environment()
+
+
+def test_each_rank_takes_its_own_gpu(monkeypatch):
+    # no GPU here: torch.cuda is mocked to say there are some
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    rank = Distributed(rank=5, world_size=8, local_rank=1)
+    assert rank_device("auto", rank) == "cuda:1"
+    assert rank_device("cuda", rank) == "cuda:1"
+    assert rank_device("cpu", rank) == "cpu"
+    with pytest.raises(UsageError, match="one GPU per process"):
+        rank_device("cuda:0", rank)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert rank_device("auto", rank) == "cpu"
+
+
+def test_the_launch_command_is_torchrun_over_loopback():
+    command = launch_command(2, ["run", "c.yaml", "optimizer.lr=0.1"], 29999)
+    assert command[:3] == [sys.executable, "-m", "trainer.distributed"]
+    assert command[command.index("--nproc_per_node") + 1] == "2"
+    assert command[command.index("--master_addr") + 1] == "127.0.0.1"
+    assert command[-5:] == ["-m", "trainer", "run", "c.yaml", "optimizer.lr=0.1"]
