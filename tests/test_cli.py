@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,23 +44,39 @@ def test_the_design_seed_configs_are_all_there():
     assert {"mnist/lenet.yaml", "mnist/convnet.yaml"} <= set(MNIST_CONFIGS)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def seed_runs(tmp_path_factory):
-    """Each seed config run once, in full, through the console script (shared by the checks below)."""
+    """Each seed config run once, in full, through the console script (shared by the checks below).
+
+    Once per test session, not per xdist worker: the first worker to get here runs them under a
+    file lock in the folder the workers share, and the others read what it recorded.
+    """
+    from types import SimpleNamespace
+
+    from filelock import FileLock
+
     from conftest import trainer_executable
 
-    work = tmp_path_factory.mktemp("seed_runs")
-    results = {}
-    # two_layer_net logs every step here so its curve can be compared with the notebook's
-    overrides = {"two_layer_net.yaml": ["train.log_every=1"]}
-    for name in SEED_CONFIGS:
-        proc = subprocess.run(
-            [trainer_executable(), "run", str(CONFIGS / name), *overrides.get(name, [])],
-            cwd=work, capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
-        proc.cwd = work
-        results[name] = proc
-    return results
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the session's folder, above each worker's own
+    record = shared / "seed_runs.json"
+    with FileLock(str(shared / "seed_runs.lock")):
+        if not record.exists():
+            work = shared / "seed_runs"
+            work.mkdir()
+            results = {}
+            # two_layer_net logs every step here so its curve can be compared with the notebook's
+            overrides = {"two_layer_net.yaml": ["train.log_every=1"]}
+            for name in SEED_CONFIGS:
+                proc = subprocess.run(
+                    [trainer_executable(), "run", str(CONFIGS / name), *overrides.get(name, [])],
+                    cwd=work, capture_output=True, text=True, timeout=600,
+                )  # fmt: skip
+                results[name] = {"returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr, "cwd": str(work)}
+            record.write_text(json.dumps(results))
+    loaded = json.loads(record.read_text())
+    return {name: SimpleNamespace(**{**r, "cwd": Path(r["cwd"])}) for name, r in loaded.items()}
 
 
 @pytest.mark.parametrize("name", SEED_CONFIGS)
