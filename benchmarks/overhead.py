@@ -261,6 +261,12 @@ def main() -> None:
             peak = statistics.median(m["peak_mb"] for m in runs)
             print(f"| {model} | {variant} | {median:,.0f} | {min(rates):,.0f}-{max(rates):,.0f} | "
                   f"{median / base:.3f}x | {peak:,.0f} |")  # fmt: skip
+    print("\n| model | trainer / quiet (console and TensorBoard on vs off) | trainer / lightning |")
+    print("|---|---|---|")
+    for model in models:
+        rate = {v: statistics.median(m["steps_per_s"] for m in results[(model, v)]) for v in variants}
+        vs_lightning = f"{rate['trainer'] / rate['lightning']:.2f}x" if "lightning" in rate else "-"
+        print(f"| {model} | {rate['trainer'] / rate['quiet']:.3f} | {vs_lightning} |")
 
     # start-up, as whole commands
     trainer_exe = str(Path(sys.executable).with_name("trainer"))
@@ -271,8 +277,15 @@ def main() -> None:
             "data: {name: random, size: 64, input_shape: [1], target_shape: [1], val_fraction: 0}\n"
             "loss: {name: mse}\noptimizer: {name: sgd}\ntrain: {max_steps: 1}\n"
         )
+        # the floor for a one-step run: torch.optim imports torch._dynamo on the first step (~0.9 s)
+        one_step_loop = (
+            "import torch\n"
+            "m = torch.nn.Linear(1, 1); o = torch.optim.SGD(m.parameters(), lr=0.01)\n"
+            "torch.nn.functional.mse_loss(m(torch.randn(64, 1)), torch.randn(64, 1)).backward(); o.step()\n"
+        )
         commands = {
             "python -c 'import torch'": [sys.executable, "-c", "import torch"],
+            "hand-written loop (one step)": [sys.executable, "-c", one_step_loop],
             "trainer --help": [trainer_exe, "--help"],
             "trainer run (one step)": [trainer_exe, "run", str(config), "-q", "--runs-root", str(Path(tmp) / "runs")],
         }

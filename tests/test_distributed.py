@@ -264,3 +264,21 @@ def test_the_launch_command_is_torchrun_over_loopback():
     assert command[command.index("--nproc_per_node") + 1] == "2"
     assert command[command.index("--master_addr") + 1] == "127.0.0.1"
     assert command[-5:] == ["-m", "trainer", "run", "c.yaml", "optimizer.lr=0.1"]
+
+
+def test_cuda_ranks_join_with_nccl_on_their_own_gpu_and_cpu_ranks_with_gloo(monkeypatch):
+    # no GPU here: the CUDA calls are mocked, and so is the group's start, to see what join asks for
+    import torch.distributed as tdist
+
+    from trainer.distributed import join
+
+    calls: list = []
+    monkeypatch.setattr(tdist, "is_initialized", lambda: False)
+    monkeypatch.setattr(tdist, "init_process_group", lambda **kw: calls.append(("init", kw["backend"], kw["rank"], kw["world_size"])))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", str(device))))
+    rank = Distributed(rank=3, world_size=4, local_rank=1)
+    join(rank, torch.device("cuda:1"))
+    assert calls == [("set_device", "cuda:1"), ("init", "nccl", 3, 4)]
+    calls.clear()
+    join(rank, torch.device("cpu"))
+    assert calls == [("init", "gloo", 3, 4)]

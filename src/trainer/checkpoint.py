@@ -71,7 +71,8 @@ def rng_state() -> dict[str, Any]:
     py_version, py_state, py_gauss = random.getstate()
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     state = {
-        "python": [py_version, list(py_state), py_gauss],
+        # a tensor, not 625 ints: torch.save calls back into Python once per pickled object
+        "python": [py_version, torch.tensor(py_state, dtype=torch.int64), py_gauss],
         "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
         "torch": torch.get_rng_state(),
     }
@@ -83,6 +84,7 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what `rng_state` saved."""
     version, values, gauss = state["python"]
+    values = values.tolist() if isinstance(values, torch.Tensor) else values  # a list in older checkpoints
     random.setstate((version, tuple(values), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
