@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+from torch import nn
 import yaml
 
 import trainer.build
@@ -94,6 +95,17 @@ def test_one_batch_check_passes_and_changes_nothing():
     assert all(torch.equal(a, b) for a, b in zip(before, run.model.parameters()))
     assert all(p.grad is None for p in run.model.parameters())
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_one_batch_check_leaves_batchnorm_statistics_alone():
+    import dataclasses
+
+    run = built()
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    run = dataclasses.replace(run, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    check_one_batch(run)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # running_mean, _var, count
 
 
 def test_lenet_fed_28x28_names_the_fix():

@@ -125,14 +125,17 @@ def test_two_processes_at_batch_b_follow_one_process_at_batch_2b(model, cli, wri
 
 
 def test_stop_at_step_k_and_resume_with_two_processes_equals_the_uninterrupted_run(cli, write_config, tmp_path):
-    config = write_config(classification(*MLP, epochs=3, checkpoint_every=2))
+    config = write_config(classification(*MLP, epochs=3, checkpoint_every=2, log_every=2))
     full = cli("run", config, "--nproc", "2", "--run-dir", tmp_path / "full", env=LOOPBACK)
-    cut = cli("run", config, "--nproc", "2", "--run-dir", tmp_path / "cut", env={**LOOPBACK, "TRAINER_STOP_AT_STEP": "4"})
+    # the signal reaches rank 1 alone after step 1; the ranks agree at the next log point (every 2
+    # steps here), so both stop after step 2
+    cut = cli("run", config, "--nproc", "2", "--run-dir", tmp_path / "cut",
+              env={**LOOPBACK, "TRAINER_STOP_AT_STEP": "1@1"})  # fmt: skip
     assert full.code == 0, full.stderr
     assert cut.code == 143, cut.stderr
-    assert "stopped by SIGTERM after step 4" in cut.stderr
+    assert "stopped by SIGTERM after step 2" in cut.stderr
     saved = tmp_path / "cut" / "checkpoints" / "last.pt"
-    assert load(saved)["train_state"]["step"] == 4
+    assert load(saved)["train_state"]["step"] == 2
 
     # another number of processes would deal out other shards: refused, and nothing changes on disk
     before = saved.read_bytes()
@@ -148,6 +151,32 @@ def test_stop_at_step_k_and_resume_with_two_processes_equals_the_uninterrupted_r
     assert state_digest(a["model"]) == state_digest(b["model"])  # bit-exact
     assert a["optimizer"]["state"][0]["momentum_buffer"].equal(b["optimizer"]["state"][0]["momentum_buffer"])
     assert points(tmp_path / "full") == points(tmp_path / "cut")  # the same logged numbers, step for step
+
+
+BATCHNORM_PLUGIN = """
+from torch import nn
+
+def mlp_bn(in_features: int = 8, num_classes: int = 3) -> nn.Module:
+    \"\"\"An MLP with BatchNorm: running statistics that DDP does not average.\"\"\"
+    return nn.Sequential(nn.Linear(in_features, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, num_classes))
+"""
+
+
+def test_batchnorm_statistics_are_one_set_for_validation_and_the_end_of_the_run(cli, write_config, tmp_path):
+    site = tmp_path / "site"
+    (site / "bn_plugin").mkdir(parents=True)
+    (site / "bn_plugin" / "__init__.py").write_text(BATCHNORM_PLUGIN)
+    (site / "bn_plugin-0.1.dist-info").mkdir()
+    (site / "bn_plugin-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: bn-plugin\nVersion: 0.1\n")
+    (site / "bn_plugin-0.1.dist-info" / "entry_points.txt").write_text("[trainer.models]\nmlp_bn = bn_plugin:mlp_bn\n")
+    config = write_config(classification({"name": "mlp_bn"}, [8]))
+    result = cli("run", config, "--nproc", "2", "--run-dir", tmp_path / "bn", env={**LOOPBACK, "PYTHONPATH": str(site)})
+    assert result.code == 0, result.stderr
+    summary = json.loads((tmp_path / "bn" / "summary.json").read_text())
+    saved = load(tmp_path / "bn" / "checkpoints" / "last.pt")["model"]
+    digests = summary["processes"]["parameters_sha256"]
+    assert digests[0] == digests[1] == state_digest(saved)  # running_mean and running_var included
+    assert saved["1.num_batches_tracked"].item() == 6
 
 
 def test_a_bad_config_fails_once_before_any_process_starts(cli, write_config):

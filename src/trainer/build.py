@@ -216,10 +216,19 @@ def check_one_batch(built: Built) -> None:
 
     With `train.compile` the batch goes through uncompiled first (for the same messages), then
     compiled: the model is compiled here, before a run folder exists, and a compiler that fails
-    is a UsageError naming train.compile. Nothing is learned: gradients are cleared and the RNG
-    state is restored afterwards.
+    is a UsageError naming train.compile. Nothing is learned: gradients are cleared, and the RNG
+    state and the model's buffers (BatchNorm's running statistics) are restored afterwards.
     """
     rng = torch.get_rng_state()
+    buffers = [b.detach().clone() for b in built.model.buffers()]
+
+    def undo() -> None:
+        built.optimizer.zero_grad(set_to_none=True)
+        torch.set_rng_state(rng)
+        with torch.no_grad():
+            for buffer, saved in zip(built.model.buffers(), buffers):
+                buffer.copy_(saved)
+
     inputs, targets = next(iter(built.train_batches.epoch(0)))
     compiled = built.config.train.compile is not False
     outputs = None
@@ -238,8 +247,7 @@ def check_one_batch(built: Built) -> None:
     except (RuntimeError, ValueError, IndexError, TypeError) as err:
         raise UsageError(_mismatch_message(built, err, inputs, targets, outputs)) from None
     finally:
-        built.optimizer.zero_grad(set_to_none=True)
-        torch.set_rng_state(rng)
+        undo()
     if not compiled:
         return
     try:
@@ -249,8 +257,7 @@ def check_one_batch(built: Built) -> None:
     except Exception as err:  # the same batch passed uncompiled: what failed is the compiler (no C++ compiler, ...)
         raise _compile_failed(built, err) from None
     finally:
-        built.optimizer.zero_grad(set_to_none=True)
-        torch.set_rng_state(rng)
+        undo()
 
 
 def _dtype(t: torch.Tensor) -> str:

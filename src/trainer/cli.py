@@ -57,7 +57,7 @@ def _guarded(action: Callable[[], None]) -> None:
 
 
 def _guarded_body(action: Callable[[], None]) -> None:
-    from trainer.errors import TrainingFailed, UsageError
+    from trainer.errors import TrainingFailed, UsageError, first_line
 
     try:
         action()
@@ -68,12 +68,16 @@ def _guarded_body(action: Callable[[], None]) -> None:
     except TrainingFailed as err:
         _fail(str(err), EXIT_FAILED)
     except KeyboardInterrupt:
-        err_console.print("interrupted (SIGINT)")
+        if not _other_rank():
+            err_console.print("interrupted (SIGINT)")
         raise typer.Exit(130)
     except Exception as err:
         # a bug in trainer, not in the input: one line, and the traceback only on request
         if os.environ.get("TRAINER_DEBUG"):
             raise
+        if _other_rank():  # a failure of this rank alone (out of memory, say): rank 0 cannot tell it
+            err_console.print(f"error: rank {os.environ['RANK']}: {type(err).__name__}: {first_line(err)}", markup=False)
+            raise typer.Exit(EXIT_FAILED)
         _fail(
             f"internal error, a bug in trainer: {type(err).__name__}: {err}\n"
             "  rerun with TRAINER_DEBUG=1 for the traceback, and please report it",

@@ -202,6 +202,9 @@ class _EpochSampler(DistributedSampler):
         # attributes DistributedSampler's users read
         self.n, self.shuffle, self.seed = n, shuffle, seed
         self.rank, self.num_replicas, self.pad = rank, world_size, pad
+        self.num_samples = shard_size(n, rank, world_size, pad)  # this rank's samples per epoch
+        self.total_size = self.num_samples * world_size if pad else n
+        self.drop_last = False
         self.epoch = 0
         self.start = 0
 
@@ -210,7 +213,7 @@ class _EpochSampler(DistributedSampler):
         return iter(order[self.start :].tolist())
 
     def __len__(self) -> int:
-        return max(0, shard_size(self.n, self.rank, self.num_replicas, self.pad) - self.start)
+        return max(0, self.num_samples - self.start)
 
 
 def _ignore_sigint(worker_id: int) -> None:

@@ -29,6 +29,10 @@ from trainer.errors import UsageError
 # torchrun at once, this only bounds a rank that hangs
 TIMEOUT = timedelta(minutes=5)
 
+# seconds torchrun waits after passing on a signal before it kills the processes: they stop at the
+# next log point, so this bounds how long `train.log_every` steps may take for the save to happen
+SHUTDOWN_TIMEOUT = 120
+
 # the exit code of rank 0, passed back to `trainer run --nproc`, which torchrun would flatten to 1
 RESULT_FILE = "TRAINER_RESULT_FILE"
 
@@ -71,6 +75,18 @@ class Distributed:
         import torch
 
         return int(self.max(torch.tensor([value], device=device)).item())
+
+    def sync_buffers(self, model: Any) -> None:
+        """Give every rank rank 0's buffers (BatchNorm's running stats, say).
+
+        DDP copies them from rank 0 at the start of each training forward, then each rank updates
+        its copy from its own batch, so after a step they differ; validation and the end of a run
+        must see one set.
+        """
+        import torch.distributed as dist
+
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
 
     def broadcast(self, value: Any) -> Any:
         """Rank 0's `value` on every rank (any picklable object)."""
@@ -186,6 +202,7 @@ def launch_command(nproc: int, trainer_args: list[str], port: int) -> list[str]:
         sys.executable, "-m", "trainer.distributed",
         "--nnodes", "1", "--nproc_per_node", str(nproc),
         "--master_addr", "127.0.0.1", "--master_port", str(port),
+        "--shutdown_timeout", str(SHUTDOWN_TIMEOUT),
         "-m", "trainer", *trainer_args,
     ]  # fmt: skip
 
@@ -193,10 +210,11 @@ def launch_command(nproc: int, trainer_args: list[str], port: int) -> list[str]:
 def launch(nproc: int, trainer_args: list[str]) -> int:
     """Run `trainer <trainer_args>` in `nproc` processes through torch.distributed.run; its exit code.
 
-    The exit code is rank 0's (torchrun reports any failure as 1). SIGINT and SIGTERM are passed
-    on to torchrun once, which passes them to every rank; the ranks agree to stop after the same
-    step, rank 0 saves last.pt, and all exit with 130 or 143. torchrun runs in a session of its own,
-    so a Ctrl-C in the terminal reaches the ranks once, through it, not twice.
+    The exit code is rank 0's (torchrun reports any failure as 1); 1 when rank 0 never reported
+    one (it was killed). SIGINT, SIGTERM and SIGHUP (as SIGTERM) are passed on to torchrun, which
+    passes them to every rank; the ranks agree to stop after the same step, rank 0 saves last.pt,
+    and all exit with 130 or 143. torchrun runs in a session of its own, so a Ctrl-C in the
+    terminal reaches it once, through this process.
     """
     env = dict(os.environ)
     env.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -211,10 +229,12 @@ def launch(nproc: int, trainer_args: list[str]) -> int:
         received: list[int] = []
 
         def forward(signum: int, frame: Any) -> None:
+            # a closed terminal (SIGHUP) must not leave the job running in its own session
+            signum = signal.SIGTERM if signum == signal.SIGHUP else signum
             received.append(signum)
             process.send_signal(signum)
 
-        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
             code = process.wait()
         finally:
@@ -224,8 +244,8 @@ def launch(nproc: int, trainer_args: list[str]) -> int:
             return int(result_file.read_text())
         except (OSError, ValueError):
             pass
-    if received:
-        return 128 + received[0]
+    if code != 0 and received:
+        print("error: the processes were stopped before rank 0 could save and report", file=sys.stderr)
     return 0 if code == 0 else 1
 
 

@@ -58,6 +58,8 @@ class Collectives(Protocol):
 
     def min(self, tensor: torch.Tensor) -> torch.Tensor: ...
 
+    def sync_buffers(self, model: nn.Module) -> None: ...
+
 
 @dataclass
 class TrainState:
@@ -413,6 +415,8 @@ def fit(
 
         # validate
         state.val = {}
+        if dist is not None:
+            dist.sync_buffers(eval_model)  # one set of BatchNorm statistics for validation and checkpoints
         if val_batches is not None and val_batches.num_samples > 0:  # the same on every rank, unlike len()
             state.val = evaluate(
                 eval_model, val_batches, loss_fn, precision=precision, classification=settings.classification, dist=dist

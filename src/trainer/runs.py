@@ -139,15 +139,16 @@ class RunResult:
 
 
 # a test aid: send this process SIGTERM (or the signal named after a colon) right after step K,
-# so the tests interrupt a run at an exact step through the real signal path
+# so the tests interrupt a run at an exact step through the real signal path; `K[:SIG]@R` sends
+# it in data-parallel rank R only
 _STOP_AT_STEP = "TRAINER_STOP_AT_STEP"
 
 
 def _injected_stop() -> Callable[[int], None]:
     """The test aid as a per-step check (read once: the loop must not consult the environment each step)."""
-    spec = os.environ.get(_STOP_AT_STEP, "")
+    spec, _, rank = os.environ.get(_STOP_AT_STEP, "").partition("@")
     at, _, name = spec.partition(":")
-    if not at.isdigit():
+    if not at.isdigit() or (rank and rank != os.environ.get("RANK", "0")):
         return lambda step: None
     target, signum = int(at), getattr(signal, name or "SIGTERM")
     return lambda step: os.kill(os.getpid(), signum) if step == target else None
@@ -288,7 +289,12 @@ def execute_run(
                 state=state, after_step=after_step, on_epoch_end=on_epoch_end, dist=dist,
             )  # fmt: skip
             if dist is not None:
-                digests = _check_ranks_agree(built, dist)
+                digests = _rank_digests(built, dist)
+                if dist.is_main and len(set(digests)) > 1:
+                    raise TrainingFailed(
+                        "the processes' parameters differ at the end of training (a parameter or buffer updated "
+                        "outside DistributedDataParallel?); the checkpoints hold rank 0's"
+                    )
             train_seconds = time.perf_counter() - fit_started
             status, exit_code = "completed", 0
         except KeyboardInterrupt:
@@ -342,19 +348,15 @@ def _shared(dist: Any, make: Callable[[], Path]) -> Path:
     return Path(result)
 
 
-def _check_ranks_agree(built: Any, dist: Any) -> list[str] | None:
-    """DDP keeps the ranks' parameters equal; a module that breaks that (say, a buffer updated on one
-    rank only) would save rank 0's copy silently. One gather at the end of the run tells; returns
-    each rank's SHA-256 of its state dict (on rank 0), which summary.json records."""
+def _rank_digests(built: Any, dist: Any) -> list[str] | None:
+    """Each rank's SHA-256 of its model state (on rank 0; None elsewhere), which summary.json records.
+
+    DDP keeps the ranks' parameters equal, and the epoch end syncs the buffers; a module that
+    breaks that would have rank 0's copy saved silently. One gather at the end of the run tells.
+    """
     from trainer.checkpoint import state_digest
 
-    digests = dist.gather(state_digest(built.model.state_dict()))
-    if dist.is_main and len(set(digests)) > 1:
-        raise TrainingFailed(
-            "the ranks' parameters differ at the end of training (a buffer or parameter updated outside "
-            "DistributedDataParallel?); checkpoints hold rank 0's"
-        )
-    return digests
+    return dist.gather(state_digest(built.model.state_dict()))
 
 
 class Checkpoints:
