@@ -192,7 +192,7 @@ def test_sigkill_during_writes_leaves_the_old_or_the_new_checkpoint(tmp_path):
     atomic_save({"i": 0, "weights": torch.zeros(512, 1024)}, path)
     rng = random.Random(0)
     seen = set()
-    for kill in range(20):
+    for kill in range(10):
         last = load_checkpoint(path)["i"]
         proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path), str(last * 1000)], stdout=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "ready"
@@ -202,7 +202,7 @@ def test_sigkill_during_writes_leaves_the_old_or_the_new_checkpoint(tmp_path):
         state = load_checkpoint(path)  # never a torn file
         assert torch.equal(state["weights"], torch.full((512, 1024), float(state["i"])))
         seen.add(state["i"])
-    assert len(seen) > 10  # the writer really was overwriting the file between kills
+    assert len(seen) > 5  # the writer really was overwriting the file between kills
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "last.pt"]
     assert all(name.startswith(".last.pt.") and name.endswith(".tmp") for name in leftovers)
 

@@ -58,7 +58,7 @@ SHIPPED: dict[str, Any] = {
     for p in sorted(CONFIGS.glob("*.yaml")) + sorted(CONFIGS.glob("mnist/*.yaml"))
 }
 
-FUZZ_EXAMPLES_DEFAULT = 1000
+FUZZ_EXAMPLES_DEFAULT = 500  # ~10 s on 2 cores; TRAINER_FUZZ_EXAMPLES=20000 for a deep, random run
 _DEEP = os.environ.get("TRAINER_FUZZ_EXAMPLES")
 FUZZ_SETTINGS = settings(
     max_examples=int(_DEEP) if _DEEP else FUZZ_EXAMPLES_DEFAULT,

@@ -235,7 +235,9 @@ def test_killing_one_rank_ends_the_job_and_leaves_a_loadable_checkpoint(rank, wr
     os.kill(_rank_pid(launcher, rank), signal.SIGKILL)
     killed = time.monotonic()
     _, stderr = launcher.communicate(timeout=90)
-    assert time.monotonic() - killed < 60
+    # the bound is 60 s; torchrun would SIGKILL a rank stuck in a collective after 50 s, so
+    # a run that takes more than 30 s here has a rank that did not notice its peer was gone
+    assert time.monotonic() - killed < 30
     assert launcher.returncode not in (0, None)
     assert "Traceback" not in stderr
     assert f"rank {rank}" in stderr if rank == 0 else "another process of the run is gone" in stderr

@@ -166,8 +166,16 @@ def _exactness_config(tmp_path: Path, data_path: str, scheduler: bool) -> Path:
     return path
 
 
-@pytest.mark.parametrize("scheduler", [False, True], ids=["no-scheduler", "one-cycle"])
-@pytest.mark.parametrize("data_path,steps_per_epoch", [("memory", 5), ("dataloader", 4)])
+@pytest.mark.parametrize(
+    "data_path,steps_per_epoch,scheduler",
+    [
+        pytest.param("memory", 5, True, id="memory-5-one-cycle"),
+        pytest.param("dataloader", 4, False, id="dataloader-4-no-scheduler"),
+        # the other two combinations add ~50 s to the suite: python -m pytest -m slow
+        pytest.param("memory", 5, False, id="memory-5-no-scheduler", marks=pytest.mark.slow),
+        pytest.param("dataloader", 4, True, id="dataloader-4-one-cycle", marks=pytest.mark.slow),
+    ],
+)
 def test_resume_is_bit_exact(cli, tmp_path, data_path, steps_per_epoch, scheduler):
     config = _exactness_config(tmp_path, data_path, scheduler)
     full = cli("run", config, "--run-dir", tmp_path / "full", "-q")

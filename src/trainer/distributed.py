@@ -29,9 +29,10 @@ from trainer.errors import UsageError
 # torchrun at once, this only bounds a rank that hangs
 TIMEOUT = timedelta(minutes=5)
 
-# seconds torchrun waits after passing on a signal before it kills the processes: they stop at the
-# next log point, so this bounds how long `train.log_every` steps may take for the save to happen
-SHUTDOWN_TIMEOUT = 120
+# seconds torchrun waits after passing on a signal (or after a rank died) before it kills the
+# processes: they stop at the next log point, so `train.log_every` steps must fit in it for the
+# save to happen; it also bounds how long a rank stuck in a collective outlives a dead one
+SHUTDOWN_TIMEOUT = 50
 
 # the exit code of rank 0, passed back to `trainer run --nproc`, which torchrun would flatten to 1
 RESULT_FILE = "TRAINER_RESULT_FILE"
