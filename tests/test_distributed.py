@@ -124,6 +124,28 @@ def test_two_processes_at_batch_b_follow_one_process_at_batch_2b(model, cli, wri
                 assert p[key] == pytest.approx(q[key], abs=1e-5)
 
 
+def test_the_dataloader_path_shards_like_the_in_memory_path(cli, write_config, tmp_path):
+    # image_folder goes through a DataLoader with a DistributedSampler: 2 processes at batch 6
+    # follow 1 process at batch 12, as on the in-memory path
+    from datafiles import make_image_folder
+
+    root = make_image_folder(tmp_path / "images", per_class=24)
+
+    def config(batch_size: int, name: str) -> Path:
+        return write_config(classification({"name": "mlp", "hidden": 16}, [1, 8, 8]) | {
+            "data": {"name": "image_folder", "root": str(root), "image_size": 8, "grayscale": True,
+                     "batch_size": batch_size, "val_fraction": 0.25},
+        }, name)  # fmt: skip
+
+    two = cli("run", config(6, "two"), "--nproc", "2", "--run-dir", tmp_path / "two", env=LOOPBACK)
+    one = cli("run", config(12, "one"), "--run-dir", tmp_path / "one")
+    assert two.code == 0 and one.code == 0, two.stderr + one.stderr
+    a, b = load(tmp_path / "two" / "checkpoints" / "last.pt"), load(tmp_path / "one" / "checkpoints" / "last.pt")
+    assert a["train_state"]["step"] == b["train_state"]["step"] == 6  # 36 training images, 3 global batches an epoch
+    for name, value in b["model"].items():
+        assert torch.allclose(a["model"][name], value, rtol=0, atol=1e-5), name
+
+
 def test_stop_at_step_k_and_resume_with_two_processes_equals_the_uninterrupted_run(cli, write_config, tmp_path):
     config = write_config(classification(*MLP, epochs=3, checkpoint_every=2, log_every=2))
     full = cli("run", config, "--nproc", "2", "--run-dir", tmp_path / "full", env=LOOPBACK)
