@@ -298,6 +298,25 @@ def test_from_environment_reads_torchruns_variables(monkeypatch):
         from_environment()
 
 
+def test_torchrun_variables_that_are_not_numbers_are_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(UsageError, match="must be integers.*'two'"):
+        from_environment()
+
+
+def test_each_process_runs_the_command_without_its_nproc():
+    from trainer.cli import _without_nproc
+
+    assert _without_nproc(["run", "c.yaml", "--nproc", "2", "-q"]) == ["run", "c.yaml", "-q"]
+    assert _without_nproc(["run", "--nproc=4", "c.yaml", "x=1"]) == ["run", "c.yaml", "x=1"]
+
+
+def test_nproc_under_torchrun_is_refused(cli, write_config):
+    result = cli("run", write_config(classification(*MLP)), "--nproc", "2", env={"WORLD_SIZE": "2", "RANK": "0"})
+    assert result.code == 2
+    assert "--nproc starts its own processes; under torchrun, leave it out" in result.stderr
+
+
 def test_each_rank_takes_its_own_gpu(monkeypatch):
     # no GPU here: torch.cuda is mocked to say there are some
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -307,6 +326,8 @@ def test_each_rank_takes_its_own_gpu(monkeypatch):
     assert rank_device("cpu", rank) == "cpu"
     with pytest.raises(UsageError, match="one GPU per process"):
         rank_device("cuda:0", rank)
+    with pytest.raises(UsageError, match="does not run on mps"):
+        rank_device("mps", rank)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert rank_device("auto", rank) == "cpu"
 

@@ -28,9 +28,14 @@ EXIT_FAILED, EXIT_USAGE = 1, 2
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+def _under_torchrun() -> bool:
+    """Whether torchrun started this process as one of several (cheap: no torch import)."""
+    return os.environ.get("WORLD_SIZE", "1") not in ("", "1")
+
+
 def _other_rank() -> bool:
     """Whether this process is a data-parallel rank other than 0: it prints nothing, rank 0 speaks for the job."""
-    return os.environ.get("RANK", "0") not in ("", "0") and os.environ.get("WORLD_SIZE", "1") not in ("", "1")
+    return _under_torchrun() and os.environ.get("RANK", "0") not in ("", "0")
 
 
 def _fail(message: str, code: int) -> None:
@@ -42,18 +47,17 @@ def _fail(message: str, code: int) -> None:
 
 def _guarded(action: Callable[[], None]) -> None:
     """Run a command body, mapping our exceptions to a message and an exit code (never a traceback)."""
+    code = 0
     try:
         _guarded_body(action)
     except typer.Exit as done:
-        if os.environ.get("TRAINER_RESULT_FILE"):  # under `trainer run --nproc`: rank 0 reports its exit code
+        code = done.exit_code
+        raise
+    finally:
+        if _under_torchrun():  # under `trainer run --nproc`, rank 0 reports its exit code
             from trainer.distributed import record_exit_code
 
-            record_exit_code(done.exit_code)
-        raise
-    if os.environ.get("TRAINER_RESULT_FILE"):
-        from trainer.distributed import record_exit_code
-
-        record_exit_code(0)
+            record_exit_code(code)
 
 
 def _guarded_body(action: Callable[[], None]) -> None:
@@ -125,7 +129,7 @@ def _launch(nproc: int) -> None:
     from trainer.distributed import launch
     from trainer.errors import UsageError
 
-    if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+    if _under_torchrun():
         raise UsageError("--nproc starts its own processes; under torchrun, leave it out", key="--nproc")
     raise typer.Exit(launch(nproc, _without_nproc(sys.argv[1:])))
 
