@@ -130,7 +130,7 @@ def test_tensorboard_scalars_and_hparams_in_run_folder(tmp_path: Path) -> None:
     assert series("val/accuracy") == [(4, pytest.approx(0.91)), (8, pytest.approx(0.92))]
     assert series("best/val_loss") == [(8, pytest.approx(0.25))]
 
-    from tensorboard.plugins.hparams import metadata
+    from tensorboard.plugins.hparams import api_pb2, metadata
 
     content = acc.PluginTagToContent("hparams")
     assert metadata.SESSION_START_INFO_TAG in content
@@ -140,6 +140,8 @@ def test_tensorboard_scalars_and_hparams_in_run_folder(tmp_path: Path) -> None:
     assert start.hparams["train.grad_clip"].string_value == "None"
     assert start.hparams["data.shuffle"].string_value == "True"
     assert start.hparams["data.input_shape"].string_value == "[1, 32, 32]"
+    end = metadata.parse_session_end_info_plugin_data(content[metadata.SESSION_END_INFO_TAG])
+    assert end.status == api_pb2.Status.Value("STATUS_SUCCESS")
 
 
 def test_plain_lines_are_bounded_in_rate_but_each_epoch_ends_with_one(tmp_path: Path) -> None:
@@ -258,6 +260,22 @@ def test_import_does_not_load_tensorboard() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_logging_a_run_does_not_load_torch_tensorboard_or_its_tensor_utilities(tmp_path: Path) -> None:
+    # torch.utils.tensorboard's hparams() imports TensorBoard's tensor utilities and boto3: ~0.3 s
+    # at the end of every run
+    code = (
+        "import sys; from pathlib import Path; from trainer.tracking import Tracker\n"
+        f"with Tracker(Path({str(tmp_path)!r}), quiet=True) as t:\n"
+        "    t.log_train(step=1, epoch=1, step_in_epoch=1, loss=0.5, lr=0.1, samples_per_s=1.0)\n"
+        "    t.log_hparams({'optimizer.lr': 0.1}, {'best/train_loss': 0.5})\n"
+        "print([m for m in sys.modules if m.startswith(('torch.utils.tensorboard', 'tensorboard.util', 'boto3'))])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+    assert accumulator(tmp_path).PluginTagToContent("hparams")
 
 
 def test_formatting() -> None:

@@ -108,9 +108,9 @@ def _json_number(value: Any) -> float | None:
 
 
 def _hparam_value(value: Any) -> int | float | str:
-    """A value ``torch.utils.tensorboard.summary.hparams`` accepts (it rejects None and lists)."""
+    """A number or a string for TensorBoard's HParams tab (None, bools and lists become strings)."""
     if isinstance(value, bool):
-        # torch's hparams() checks int before bool, so True would show as the number 1.
+        # strings, as torch's SummaryWriter.add_hparams showed them in earlier versions of trainer
         return str(value)
     if isinstance(value, (int, float, str)):
         return value
@@ -154,6 +154,11 @@ def _masked_crc32c(data: bytes) -> int:
     return (((x >> 15) | (x << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
+# the names tensorboard.plugins.hparams.metadata defines (importing it costs ~0.3 s)
+_HPARAMS_PLUGIN = "hparams"
+_SESSION_START_TAG, _SESSION_END_TAG = "_hparams_/session_start_info", "_hparams_/session_end_info"
+
+
 class EventFile:
     """A TensorBoard event file, written in the calling thread.
 
@@ -194,6 +199,33 @@ class EventFile:
         self._write(self._Event(wall_time=time.time(), step=step, summary=summary))
         if time.monotonic() - self._flushed > self.flush_secs:
             self.flush()
+
+    def hparams_summaries(self, hparams: dict[str, int | float | str]) -> tuple[Any, Any]:
+        """The HParams plugin's session-start (these values) and session-end (success) summaries.
+
+        Built here rather than with ``torch.utils.tensorboard.summary.hparams``, whose imports
+        (TensorBoard's tensor utilities, boto3) cost ~0.3 s at the end of every run.
+        """
+        from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+        from tensorboard.compat.proto.summary_pb2 import SummaryMetadata
+
+        start = plugin_data_pb2.SessionStartInfo()
+        for key, value in hparams.items():
+            if isinstance(value, str):
+                start.hparams[key].string_value = value
+            else:
+                start.hparams[key].number_value = value
+        end = plugin_data_pb2.SessionEndInfo(status=api_pb2.Status.Value("STATUS_SUCCESS"))
+
+        def summary(tag: str, data: Any) -> Any:
+            content = data.SerializeToString()
+            plugin = SummaryMetadata.PluginData(plugin_name=_HPARAMS_PLUGIN, content=content)
+            return self._Summary(value=[self._Summary.Value(tag=tag, metadata=SummaryMetadata(plugin_data=plugin))])
+
+        return (
+            summary(_SESSION_START_TAG, plugin_data_pb2.HParamsPluginData(session_start_info=start, version=0)),
+            summary(_SESSION_END_TAG, plugin_data_pb2.HParamsPluginData(session_end_info=end, version=0)),
+        )
 
     def add_scalars(self, values: dict[str, float], step: int) -> None:
         """Several scalars of one step as one event (TensorBoard shows each tag as its own chart)."""
@@ -530,12 +562,10 @@ class Tracker:
         """
         if self._writer is None or self._closed:
             return
-        from torch.utils.tensorboard.summary import hparams as hparams_summary
-
         clean = {str(k): _hparam_value(v) for k, v in hparams.items()}
         values = {str(k): _as_float(v) for k, v in metrics.items()}
-        _experiment, session_start, session_end = hparams_summary(clean, values)
-        # Not writer.add_hparams: that writes into a new sub-folder, i.e. a second "run".
+        # in this run's own file: SummaryWriter.add_hparams writes a sub-folder, a second "run"
+        session_start, session_end = self._writer.hparams_summaries(clean)
         self._writer.add_summary(session_start, self._last_step)
         self._writer.add_summary(session_end, self._last_step)
         self._add_scalars(values, self._last_step)
