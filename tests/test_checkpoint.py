@@ -1,5 +1,6 @@
 """Tests for trainer.checkpoint: atomic save and safe (weights_only) load."""
 
+import os
 import pathlib
 
 import pytest
@@ -214,3 +215,96 @@ def test_best_linked_to_last_keeps_its_state_when_last_moves_on(tmp_path):
     atomic_save({"step": 2}, last)  # a new file under the old name
     assert load_checkpoint(best)["step"] == 1 and load_checkpoint(last)["step"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
+
+
+def test_background_writes_wait_for_the_disk_off_the_callers_thread_and_in_order(tmp_path, monkeypatch):
+    import threading
+
+    from trainer.checkpoint import BackgroundWrites, commit, link_or_write, serialize, stage
+
+    synced_on = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced_on.append(threading.current_thread().name), real_fsync(fd))[1])
+    writes = BackgroundWrites()
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    for step in (1, 2):
+        data = serialize({"step": step})
+        writes.submit(last, commit, stage(data, last))  # the bytes are in a temporary file already
+        writes.submit(best, link_or_write, last, data, best)  # must see this step's last.pt, not the one before
+    assert writes.close() is None
+    assert load_checkpoint(last) == {"step": 2} and load_checkpoint(best) == {"step": 2}
+    assert synced_on and all(name.startswith("trainer-checkpoints") for name in synced_on)
+    assert files_in(tmp_path) == ["best.pt", "last.pt"]
+
+
+def test_a_background_write_that_fails_is_reported_with_its_path_and_keeps_the_old_file(tmp_path, monkeypatch):
+    import errno
+
+    from trainer.checkpoint import BackgroundWrites, commit, serialize, stage
+
+    last = tmp_path / "last.pt"
+    atomic_save({"step": 1}, last)
+
+    def failing_fsync(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    writes = BackgroundWrites()
+    writes.submit(last, commit, stage(serialize({"step": 2}), last))
+    path, error = writes.close()
+    assert path == last and error.errno == errno.EIO
+    assert load_checkpoint(last) == {"step": 1}
+    assert files_in(tmp_path) == ["last.pt"]  # no temporary file left
+
+
+def test_staging_in_a_folder_that_cannot_be_written_fails_in_the_callers_thread(tmp_path):
+    from trainer.checkpoint import serialize, stage
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError):
+        stage(serialize({"step": 1}), tmp_path / "file" / "last.pt")  # a file where the folder should be
+
+
+def _draws() -> tuple:
+    import random
+
+    import numpy as np
+
+    return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+
+def test_random_states_round_trip_through_a_weights_only_file(tmp_path):
+    import random
+
+    import numpy as np
+
+    from trainer.checkpoint import rng_state, set_rng_state
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    random.gauss(0, 1)  # a cached gaussian is part of the state too
+    atomic_save({"rng": rng_state()}, tmp_path / "last.pt")
+    expected = _draws()
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    set_rng_state(load_checkpoint(tmp_path / "last.pt")["rng"])
+    assert _draws() == expected
+
+
+def test_random_states_of_earlier_checkpoints_still_restore():
+    import random
+
+    import numpy as np
+
+    from trainer.checkpoint import set_rng_state
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    cpu = torch.get_rng_state()
+    expected = _draws()
+    for python_state in (list(py_state), torch.tensor(py_state, dtype=torch.int64)):  # as earlier versions saved it
+        set_rng_state({
+            "python": [py_version, python_state, py_gauss],
+            "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
+            "torch": cpu,
+        })  # fmt: skip
+        assert _draws() == expected

@@ -1,15 +1,19 @@
-"""Checkpoints: atomic save (temp file, fsync, rename, fsync the folder) and safe load (weights_only)."""
+"""Checkpoints: atomic save (temp file, fsync, rename, fsync the folder), with the waits for the disk
+on a background thread, and safe load (weights_only)."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
 import random
 import re
+import struct
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -19,21 +23,100 @@ from trainer.errors import UsageError
 CHECKPOINT_FORMAT = 1  # bumped when the layout of the dict changes
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save `obj` to `path` so that a crash leaves either the old file or the new one, never half of one."""
+def serialize(obj: Any) -> memoryview:
+    """`obj` as the bytes torch.save writes: read now, so the training that goes on cannot change it."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getbuffer()
+
+
+@dataclass
+class StagedFile:
+    """Bytes written to a temporary file next to `path`, not yet on disk for sure nor renamed."""
+
+    path: Path
+    tmp: Path
+    fd: int
+
+
+def stage(data: bytes | memoryview, path: Path) -> StagedFile:
+    """Write `data` to a temporary file in `path`'s folder: a read-only folder or a full disk fails
+    here, in the caller's thread; `commit` makes it durable and puts it in place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
     except BaseException:
+        os.close(fd)
         Path(tmp_name).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    return StagedFile(path, Path(tmp_name), fd)
+
+
+def commit(staged: StagedFile) -> None:
+    """fsync the staged file, rename it over its path and fsync the folder: after a crash the
+    path holds the old contents or the new, never half of them."""
+    try:
+        try:
+            os.fsync(staged.fd)
+        finally:
+            os.close(staged.fd)
+        os.replace(staged.tmp, staged.path)
+    except BaseException:
+        staged.tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(staged.path.parent)
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save `obj` to `path` so that a crash leaves either the old file or the new one, never half of one."""
+    commit(stage(serialize(obj), path))
+
+
+def link_or_write(source: Path, data: bytes | memoryview, path: Path) -> None:
+    """Make `path` hold `data`, which `source` holds already: a hard link where the filesystem has them."""
+    if not atomic_link(source, path):
+        commit(stage(data, path))
+
+
+class BackgroundWrites:
+    """Calls that wait for the disk (fsync), run in order on one thread while training goes on.
+
+    `wait()` blocks until all submitted calls are done and returns the first one's error as
+    (path, exception), or None; a checkpoint is on disk for sure only after it.
+    """
+
+    def __init__(self) -> None:
+        self._executor: Any = None
+        self._pending: list[tuple[Path, Any]] = []
+
+    def submit(self, path: Path, fn: Callable[..., None], *args: Any) -> None:
+        if self._executor is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainer-checkpoints")
+        self._pending.append((path, self._executor.submit(fn, *args)))
+
+    def wait(self) -> tuple[Path, Exception] | None:
+        pending, self._pending = self._pending, []
+        error = None
+        for path, future in pending:
+            try:
+                future.result()
+            except (OSError, RuntimeError) as err:
+                error = error or (path, err)
+        return error
+
+    def close(self) -> tuple[Path, Exception] | None:
+        """Wait for the pending calls and stop the thread."""
+        try:
+            return self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown()
 
 
 def atomic_link(source: Path, path: Path) -> bool:
@@ -67,14 +150,15 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    """Every random number generator the run draws from, as tensors and plain values."""
+    """Every random number generator the run draws from, as bytes and plain values."""
     py_version, py_state, py_gauss = random.getstate()
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    # bytes, not tensors or 625 ints: torch.save calls back into Python once per pickled object
+    # and writes a zip record per tensor
     state = {
-        # a tensor, not 625 ints: torch.save calls back into Python once per pickled object
-        "python": [py_version, torch.tensor(py_state, dtype=torch.int64), py_gauss],
-        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
-        "torch": torch.get_rng_state(),
+        "python": [py_version, struct.pack(f"<{len(py_state)}I", *py_state), py_gauss],
+        "numpy": [np_name, np_keys.astype("<u4").tobytes(), np_pos, np_has_gauss, np_gauss],
+        "torch": torch.get_rng_state().numpy().tobytes(),
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -82,13 +166,18 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what `rng_state` saved."""
+    """Restore what `rng_state` saved (or the tensors and lists of earlier versions)."""
     version, values, gauss = state["python"]
-    values = values.tolist() if isinstance(values, torch.Tensor) else values  # a list in older checkpoints
+    if isinstance(values, bytes):
+        values = struct.unpack(f"<{len(values) // 4}I", values)
+    elif isinstance(values, torch.Tensor):
+        values = values.tolist()
     random.setstate((version, tuple(values), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
+    keys = np.frombuffer(keys, dtype="<u4") if isinstance(keys, bytes) else keys.numpy()
+    np.random.set_state((name, keys.astype(np.uint32), pos, has_gauss, cached))
+    cpu = state["torch"]
+    torch.set_rng_state(torch.frombuffer(bytearray(cpu), dtype=torch.uint8) if isinstance(cpu, bytes) else cpu)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
