@@ -191,6 +191,23 @@ def test_resume_is_bit_exact(cli, tmp_path, data_path, steps_per_epoch, schedule
         _assert_same_run(tmp_path / "full", folder)
 
 
+def test_a_run_killed_outright_resumes_into_the_uninterrupted_run(cli, tmp_path):
+    # SIGKILL just after a checkpoint_every save: its fsync and rename may still have been under
+    # way, so last.pt is that save or the one before; either way the resumed run, its
+    # metrics.jsonl and its TensorBoard events are those of the run that was never killed
+    config = _exactness_config(tmp_path, "memory", scheduler=True)
+    every = ("train.log_every=1", "train.checkpoint_every=3")
+    full = cli("run", config, *every, "--run-dir", tmp_path / "full", "-q")
+    assert full.code == 0, full.output
+    folder = tmp_path / "killed"
+    killed = cli("run", config, *every, "--run-dir", folder, "-q", env={"TRAINER_STOP_AT_STEP": "7:SIGKILL"})
+    assert killed.code == -signal.SIGKILL and not (folder / "summary.json").exists()
+    resumed = cli("resume", folder, "-q")
+    assert resumed.code == 0, resumed.output
+    assert json.loads((folder / "env.json").read_text())["resumes"][0]["step"] in (3, 6)
+    _assert_same_run(tmp_path / "full", folder)
+
+
 # ---------------------------------------------------------------------------------------------
 # signals, NaN, corrupt and malicious checkpoints, a folder that cannot be written
 
@@ -314,6 +331,23 @@ def test_a_checkpoint_save_that_fails_names_the_path_and_keeps_the_old_one(cli, 
     assert f"cannot write checkpoint '{checkpoints / 'last.pt'}'" in result.stderr
     assert (checkpoints / "last.pt").read_bytes() == before
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best.pt", "last.pt"]  # no stray temporary file
+
+
+def test_a_checkpoint_whose_fsync_fails_in_the_background_stops_the_run(tmp_path, monkeypatch):
+    import errno
+
+    # the first epoch's save is staged, then its fsync fails on the writer thread: the run learns
+    # it at the next save (or at its end) and fails naming the file
+    def failing_fsync(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    result = execute_run(config_from_dict(tiny_config(train={"epochs": 3})), root=tmp_path, quiet=True)
+    last = result.run_dir / "checkpoints" / "last.pt"
+    assert result.status == "failed" and result.exit_code == 1
+    assert result.error == f"cannot write checkpoint '{last}': Input/output error; the previous one is intact"
+    assert result.summary["steps"] == 2 * 4  # stopped at the second save, not after the third epoch
+    assert sorted(p.name for p in last.parent.iterdir()) == []  # nothing half-written left
 
 
 def test_resume_refuses_what_it_cannot_continue(cli, tmp_path, write_config, tiny):

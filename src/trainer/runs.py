@@ -231,6 +231,7 @@ def execute_run(
         tracker = Tracker(None, console=console, quiet=True, tensorboard=False, jsonl=False)
     train_seconds = 0.0
     digests: list[str] | None = None  # each rank's parameters at the end of a data-parallel run
+    checkpoints = None
     with StopRequests() as stop:
         try:
             tracker.run_started(
@@ -269,17 +270,18 @@ def execute_run(
                 if state.batch_in_epoch >= steps_per_epoch or state.step >= last_step:
                     return
                 if signum is not None or (every and state.step % every == 0):
-                    checkpoints.save_last(state)
+                    tracker.flush()  # the files hold every point up to the checkpoint (epoch ends flush anyway)
+                    checkpoints.save(state)
                 if signum is not None:
+                    checkpoints.finish()
                     raise Stopped(signum)
 
             def on_epoch_end(state: TrainState, improved: set[str]) -> None:
                 is_best = checkpoints.record_best(state)  # first, so last.pt carries the new best value
-                checkpoints.save_last(state)
-                if is_best:
-                    checkpoints.save_best(state)
+                checkpoints.save(state, best=is_best)
                 signum = stop_signal(state, at_epoch_end=True)
                 if signum is not None and state.step < last_step:
+                    checkpoints.finish()
                     raise Stopped(signum)
 
             fit_started = time.perf_counter()
@@ -288,6 +290,7 @@ def execute_run(
                 precision=built.precision, scheduler=built.scheduler, scaler=built.scaler, tracker=tracker,
                 state=state, after_step=after_step, on_epoch_end=on_epoch_end, dist=dist,
             )  # fmt: skip
+            checkpoints.finish()
             if dist is not None:
                 digests = _rank_digests(built, dist)
                 if dist.is_main and len(set(digests)) > 1:
@@ -311,6 +314,8 @@ def execute_run(
                 error = f"{type(err).__name__}: {err}"
                 raise
         finally:
+            if checkpoints is not None:
+                checkpoints.close()
             seconds = time.perf_counter() - started
             summary = _summary(status, error, state, seconds, built)
             summary["train_time_s"] = round(train_seconds, 4)  # the loop alone: epochs, validation, checkpoints
@@ -375,43 +380,60 @@ class Checkpoints:
         # an explicit val_* monitor then)
         self.monitor = train.monitor or ("val_loss" if built.val_batches is not None else "train_loss")
         self.mode = train.mode or ("max" if "accuracy" in self.monitor else "min")
-        self.last_saved_step: int | None = None
+        from trainer.checkpoint import BackgroundWrites
+
+        self.writes = BackgroundWrites()
         # a process killed mid-save (SIGKILL, power loss) leaves its temporary file; only one run writes here
         for stale in folder.glob(".*.pt.*.tmp") if folder.is_dir() and self.main else []:
             stale.unlink(missing_ok=True)
 
-    def _save(self, state: Any, name: str) -> None:
+    def save(self, state: Any, *, best: bool = False) -> None:
+        """Save last.pt (and best.pt, the same state); the wait for the disk goes on in the background.
+
+        An error of the previous save's background part stops the run here, or in `finish`.
+        """
         from trainer.engine import check_finite
 
         check_finite(state.running, self.dist)  # a non-finite loss must not overwrite the last good checkpoint
         running_by_rank = None
         if self.dist is not None:
             running_by_rank = self.dist.gather(_on_cpu(state.running))
-        error = self._write(state, name, running_by_rank) if self.main else None
+        error = self._write(state, running_by_rank, best) if self.main else None
+        self._raise(error)
+
+    def _write(self, state: Any, running_by_rank: list[dict[str, Any]] | None, best: bool) -> str | None:
+        """Write the files (their fsync and rename in the background); why they cannot be, or None."""
+        from trainer.checkpoint import commit, link_or_write, serialize, stage, training_state
+
+        error = self.writes.wait()  # the previous save is on disk before this one starts: at most one in flight
+        if error is not None:
+            return _cannot_write(*error)
+        last = self.folder / "last.pt"
+        try:
+            data = serialize(training_state(self.built, state, running_by_rank))
+            staged = stage(data, last)
+        except (OSError, RuntimeError) as err:  # torch's zip writer reports a full disk as a RuntimeError
+            return _cannot_write(last, err)
+        self.writes.submit(last, commit, staged)
+        if best:  # best.pt is this same state: a second name for last.pt's new file
+            self.writes.submit(self.folder / "best.pt", link_or_write, last, data, self.folder / "best.pt")
+        return None
+
+    def finish(self) -> None:
+        """Wait until every checkpoint asked for is on disk; stop the run if one could not be written.
+        In a data-parallel run every rank calls it."""
+        error = self.writes.wait() if self.main else None
+        self._raise(_cannot_write(*error) if error is not None else None)
+
+    def close(self) -> None:
+        """Wait for the writes in flight (after a failure elsewhere: their own errors are not news)."""
+        self.writes.close()
+
+    def _raise(self, error: str | None) -> None:
         if self.dist is not None:
             error = self.dist.broadcast(error)  # every rank stops if rank 0 could not write
         if error:
             raise TrainingFailed(error)
-        if name == "last.pt":
-            self.last_saved_step = state.step
-
-    def _write(self, state: Any, name: str, running_by_rank: list[dict[str, Any]] | None) -> str | None:
-        """Write the file; the reason it could not be written, or None."""
-        from trainer.checkpoint import atomic_link, atomic_save, training_state
-
-        path = self.folder / name
-        try:
-            # last.pt already holds this very state (the epoch end saves it first): link, don't write again
-            if name != "last.pt" and self.last_saved_step == state.step and atomic_link(self.folder / "last.pt", path):
-                return None
-            atomic_save(training_state(self.built, state, running_by_rank), path)
-        except (OSError, RuntimeError) as err:  # torch's zip writer reports a full disk as a RuntimeError
-            reason = getattr(err, "strerror", None) or first_line(err)
-            return f"cannot write checkpoint '{path}': {reason}; the previous one is intact"
-        return None
-
-    def save_last(self, state: Any) -> None:
-        self._save(state, "last.pt")
 
     def record_best(self, state: Any) -> bool:
         """Whether this epoch's monitored metric is the best so far; if so, remember its value."""
@@ -424,8 +446,11 @@ class Checkpoints:
             return True
         return False
 
-    def save_best(self, state: Any) -> None:
-        self._save(state, "best.pt")
+
+
+def _cannot_write(path: Path, err: Exception) -> str:
+    reason = getattr(err, "strerror", None) or first_line(err)
+    return f"cannot write checkpoint '{path}': {reason}; the previous one is intact"
 
 
 # ---------------------------------------------------------------------------------------------
