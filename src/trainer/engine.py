@@ -129,13 +129,13 @@ def check_finite(running: dict[str, Any], dist: Collectives | None = None) -> No
         # without folding: a fold here would change the order of the float sums, and a resumed
         # run would log different numbers
         step = _first_not_finite(torch.stack(pending).float(), running["pending_first_step"])
-    step = _agreed_step(step, dist, running["window_loss"].device)
+    step = _agreed_step(step, dist, running["grad_norm"].device)
     if step is not None:
         raise _not_finite(step)
 
 
 def fold_pending(running: dict[str, Any]) -> tuple[torch.Tensor, int] | None:
-    """Fold the losses of steps since the last fold into the window and epoch sums, on the device.
+    """Add the losses of the steps since the last fold to the window and epoch sums (one host sync).
 
     Returns the folded losses and the step of the first, for the caller's finiteness check.
     """
@@ -143,7 +143,7 @@ def fold_pending(running: dict[str, Any]) -> tuple[torch.Tensor, int] | None:
     if not pending:
         return None
     losses = torch.stack(pending).float()
-    total = losses.sum()
+    total = losses.sum().item()  # a read point's one wait for the device: the sums are Python floats
     running["window_loss"] += total
     running["epoch_loss"] += total
     running["window_batches"] += len(pending)
@@ -164,17 +164,18 @@ def _raise_not_finite(folded: tuple[torch.Tensor, int] | None, step: int, dist: 
 class Running:
     """The training loss kept on the device between log points, so the loop never waits per step.
 
-    Each step only appends its loss tensor to a list; the list is folded into the window and epoch
-    sums (and checked for non-finite values) at log points and epoch ends, in a few device ops. All
-    of it lives in `TrainState.running`, so a checkpoint taken between log points resumes into
+    Each step only appends its loss tensor to a list; at log points and epoch ends the list is
+    summed in two device ops, read once, and added to the window and epoch sums (Python floats).
+    All of it lives in `TrainState.running`, so a checkpoint taken between log points resumes into
     exactly the numbers the uninterrupted run would have logged.
     """
 
     def __init__(self, state: TrainState, device: torch.device, dist: Collectives | None = None) -> None:
         self.dist, self.device = dist, device
         v = self.values = state.running
-        for name in ("window_loss", "epoch_loss", "grad_norm"):
-            v[name] = v.get(name, torch.zeros(())).to(device)
+        for name in ("window_loss", "epoch_loss"):
+            v[name] = float(v.get(name, 0.0))  # float32 tensors in checkpoints of earlier versions
+        v["grad_norm"] = v.get("grad_norm", torch.zeros(())).to(device)
         v.pop("nonfinite_at", None)  # kept by checkpoints of earlier versions; no longer needed
         v["pending"] = [t.to(device) for t in v.get("pending", [])]  # losses of steps not yet folded in
         for name in ("window_batches", "window_samples", "epoch_batches"):
@@ -205,16 +206,16 @@ class Running:
         if self.clipping:
             out["grad_norm"] = v["grad_norm"].item()
             v["grad_norm"].zero_()
-        v["window_loss"].zero_()
+        v["window_loss"] = 0.0
         v["window_batches"] = v["window_samples"] = 0
         self.window_started = time.perf_counter()
         return out
 
-    def _mean(self, total: torch.Tensor, count: int) -> float:
-        """total / count (one host sync), over all ranks in a data-parallel run."""
+    def _mean(self, total: float, count: int) -> float:
+        """total / count, over all ranks in a data-parallel run (one all-reduce)."""
         if self.dist is None:
-            return (total / max(count, 1)).item()
-        both = self.dist.sum(torch.stack([total.double(), torch.tensor(float(count), dtype=torch.float64, device=self.device)]))
+            return total / max(count, 1)
+        both = self.dist.sum(torch.tensor([total, count], dtype=torch.float64, device=self.device))
         return (both[0] / both[1].clamp(min=1)).item()
 
     def read_epoch(self) -> float | None:
@@ -224,7 +225,7 @@ class Running:
         mean = self._mean(v["epoch_loss"], v["epoch_batches"]) if v["epoch_batches"] else None
         if mean is not None and not math.isfinite(mean):
             _raise_not_finite(folded, v["pending_first_step"] - 1, self.dist, self.device)
-        v["epoch_loss"].zero_()
+        v["epoch_loss"] = 0.0
         v["epoch_batches"] = 0
         return mean
 
