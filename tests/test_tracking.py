@@ -262,6 +262,25 @@ def test_import_does_not_load_tensorboard() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_points_reach_the_files_within_flush_secs_and_in_step_order(tmp_path: Path) -> None:
+    def lines() -> list[tuple[int, str]]:
+        return [(r["step"], r["split"]) for r in read_jsonl(tmp_path / "metrics.jsonl")]
+
+    with Tracker(tmp_path, quiet=True, flush_secs=3600) as tracker:
+        for step in (1, 2, 3):
+            tracker.log_train(step=step, epoch=1, step_in_epoch=step, loss=1.0 / step, lr=0.1, samples_per_s=1.0)
+        tracker.flush()  # what the runner does before a checkpoint
+        assert lines() == [(1, "train"), (2, "train"), (3, "train")]
+        assert [e.step for e in accumulator(tmp_path).Scalars("train/loss")] == [1, 2, 3]
+        tracker.log_train(step=4, epoch=1, step_in_epoch=4, loss=0.25, lr=0.1, samples_per_s=1.0)
+        tracker.log_val(step=4, epoch=1, metrics={"loss": 0.3})
+        tracker.epoch_finished(epoch=1, epochs=1, step=4, train_loss=0.5, val={"loss": 0.3}, seconds=1.0)
+        assert lines()[3:] == [(4, "train"), (4, "val")]
+    with Tracker(tmp_path / "eager", quiet=True, flush_secs=0) as tracker:
+        tracker.log_train(step=1, epoch=1, step_in_epoch=1, loss=0.5, lr=0.1, samples_per_s=1.0)
+        assert read_jsonl(tmp_path / "eager" / "metrics.jsonl")[0]["loss"] == 0.5  # on disk, not yet closed
+
+
 def test_logging_a_run_does_not_load_torch_tensorboard_or_its_tensor_utilities(tmp_path: Path) -> None:
     # torch.utils.tensorboard's hparams() imports TensorBoard's tensor utilities and boto3: ~0.3 s
     # at the end of every run

@@ -37,6 +37,7 @@ from rich.text import Text
 __all__ = ["Tracker", "format_metric", "format_seconds"]
 
 METRICS_FILE = "metrics.jsonl"
+_JSON = json.JSONEncoder(allow_nan=False)  # json.dumps(..., allow_nan=False) builds one per call
 
 # Short style names the rest of the project may pass to `message`.
 _STYLE_ALIASES = {
@@ -142,16 +143,19 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 
 
 def _masked_crc32c(data: bytes) -> int:
-    """The TFRecord checksum: CRC-32C, rotated and offset (TensorBoard's own pure-Python one if
-    google-crc32c is missing; that one costs ~30 us per event)."""
-    try:
-        from google_crc32c import value as crc32c
-    except ImportError:  # pragma: no cover - google-crc32c is a dependency
-        from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
-
-        return masked_crc32c(data)
-    x = crc32c(data)
+    """The TFRecord checksum: CRC-32C, rotated and offset."""
+    x = _crc32c(data)
     return (((x >> 15) | (x << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _crc32c(data: bytes) -> int:
+    # resolved on first use, then replaced: this runs twice per event
+    global _crc32c
+    try:
+        from google_crc32c import value as _crc32c
+    except ImportError:  # pragma: no cover - google-crc32c is a dependency; TensorBoard's own is pure Python
+        from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import crc32c as _crc32c
+    return _crc32c(data)
 
 
 # the names tensorboard.plugins.hparams.metadata defines (importing it costs ~0.3 s)
@@ -194,9 +198,9 @@ class EventFile:
         header = struct.pack("<Q", len(data))
         self._file.write(header + struct.pack("<I", _masked_crc32c(header)) + data + struct.pack("<I", _masked_crc32c(data)))
 
-    def add_summary(self, summary: Any, step: int) -> None:
-        """Append a ``Summary`` proto as one event at `step`."""
-        self._write(self._Event(wall_time=time.time(), step=step, summary=summary))
+    def add_summary(self, summary: Any, step: int, wall_time: float | None = None) -> None:
+        """Append a ``Summary`` proto as one event at `step` (logged at `wall_time`, default now)."""
+        self._write(self._Event(wall_time=wall_time or time.time(), step=step, summary=summary))
         if time.monotonic() - self._flushed > self.flush_secs:
             self.flush()
 
@@ -227,10 +231,10 @@ class EventFile:
             summary(_SESSION_END_TAG, plugin_data_pb2.HParamsPluginData(session_end_info=end, version=0)),
         )
 
-    def add_scalars(self, values: dict[str, float], step: int) -> None:
+    def add_scalars(self, values: dict[str, float], step: int, wall_time: float | None = None) -> None:
         """Several scalars of one step as one event (TensorBoard shows each tag as its own chart)."""
         Value = self._Summary.Value  # noqa: N806
-        self.add_summary(self._Summary(value=[Value(tag=tag, simple_value=v) for tag, v in values.items()]), step)
+        self.add_summary(self._Summary(value=[Value(tag=tag, simple_value=v) for tag, v in values.items()]), step, wall_time)
 
     def flush(self) -> None:
         self._file.flush()
@@ -255,6 +259,8 @@ class Tracker:
         jsonl: append one JSON object per logged point to ``run_dir/metrics.jsonl``.
         refresh_per_second: upper bound on the live display's redraw rate.
         plain_interval: the least seconds between two plain-mode train lines (files get every point).
+        flush_secs: the most seconds a train point waits in memory before it is written to
+            metrics.jsonl and TensorBoard (they are also written at epoch ends).
         resume_step: the step a resumed run continues after: points logged past it by the
             interrupted run are dropped from metrics.jsonl and purged from TensorBoard.
         tensorboard_logdir: the folder the final hint names (default: the run folder).
@@ -274,6 +280,7 @@ class Tracker:
         tensorboard_logdir: Path | None = None,
         resume_step: int = 0,
         plain_interval: float = 1.0,
+        flush_secs: float = 1.0,
     ) -> None:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         # what the final hint tells the user to pass to `tensorboard --logdir`
@@ -297,6 +304,9 @@ class Tracker:
         self._last_plain_line = -math.inf
 
         self._file: IO[str] | None = None
+        self.flush_secs = flush_secs
+        self._flushed = time.monotonic()
+        self._points: list[tuple[Any, ...]] = []  # train points not yet written (see flush)
         self._writer: EventFile | None = None
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -339,15 +349,39 @@ class Tracker:
         return style
 
     def _write_json(self, record: dict[str, Any]) -> None:
-        if self._file is None or self._file.closed:
-            return
-        self._file.write(json.dumps(record, allow_nan=False) + "\n")
-        # Flushed per write (a few per epoch at most) so a crash loses nothing already logged.
-        self._file.flush()
+        if self._file is not None and not self._file.closed:
+            self._file.write(_JSON.encode(record) + "\n")
 
-    def _add_scalars(self, values: dict[str, float], step: int) -> None:
+    def _write_points(self) -> None:
+        """The train points logged since the last flush, to metrics.jsonl and TensorBoard."""
+        points, self._points = self._points, []
+        for step, epoch, loss, lr, samples_per_s, grad_norm, wall_time in points:
+            record = {"step": step, "epoch": epoch, "split": "train", "loss": _json_number(loss), "lr": _json_number(lr),
+                      "samples_per_s": _json_number(samples_per_s)}  # fmt: skip
+            scalars = {"train/loss": loss, "lr": lr, "samples_per_s": samples_per_s}
+            if grad_norm is not None:
+                record["grad_norm"] = _json_number(grad_norm)
+                scalars["train/grad_norm"] = _as_float(grad_norm)
+            record["time"] = round(wall_time, 3)
+            self._write_json(record)
+            self._add_scalars(scalars, step, wall_time)
+
+    def flush(self) -> None:
+        """Write out the points held in memory (at most `flush_secs` old) to metrics.jsonl and
+        TensorBoard; also at epoch ends, and by the runner before each checkpoint, so that a
+        resumed run finds every point up to its checkpoint."""
+        if self._closed:
+            return
+        self._write_points()
+        if self._file is not None and not self._file.closed:
+            self._file.flush()
+        if self._writer is not None:
+            self._writer.flush()
+        self._flushed = time.monotonic()
+
+    def _add_scalars(self, values: dict[str, float], step: int, wall_time: float | None = None) -> None:
         if self._writer is not None and not self._closed:
-            self._writer.add_scalars({tag: _as_float(v) for tag, v in values.items()}, step)
+            self._writer.add_scalars({tag: _as_float(v) for tag, v in values.items()}, step, wall_time)
 
     def _stop_progress(self) -> None:
         if self._progress is not None:
@@ -457,22 +491,12 @@ class Tracker:
         loss, lr, samples_per_s = _as_float(loss), _as_float(lr), _as_float(samples_per_s)
         self._last_step = step
         self._logged_in_epoch = True
-        self._write_json(
-            {
-                "step": step,
-                "epoch": epoch,
-                "split": "train",
-                "loss": _json_number(loss),
-                "lr": _json_number(lr),
-                "samples_per_s": _json_number(samples_per_s),
-                **({"grad_norm": _json_number(_as_float(grad_norm))} if grad_norm is not None else {}),
-                "time": round(time.time(), 3),
-            }
-        )
-        scalars = {"train/loss": loss, "lr": lr, "samples_per_s": samples_per_s}
-        if grad_norm is not None:
-            scalars["train/grad_norm"] = grad_norm
-        self._add_scalars(scalars, step)
+        if self._file is not None or self._writer is not None:
+            # written out in batches by flush(): one at a time, between the loop's steps, a point
+            # costs several times more (measured ~75 us against ~20 us)
+            self._points.append((step, epoch, loss, lr, samples_per_s, grad_norm, time.time()))
+            if time.monotonic() - self._flushed > self.flush_secs:
+                self.flush()
         if self.quiet:
             return
         if self.live:
@@ -514,6 +538,7 @@ class Tracker:
         values = {k: _as_float(v) for k, v in metrics.items()}
         self._last_step = max(self._last_step, step)
         self._last_val = (epoch, values)
+        self._write_points()  # the file stays in step order
         record: dict[str, Any] = {"step": step, "epoch": epoch, "split": "val"}
         record.update({k: _json_number(v) for k, v in values.items()})
         record["time"] = round(time.time(), 3)
@@ -530,13 +555,12 @@ class Tracker:
         val: dict[str, float] | None,
         seconds: float,
     ) -> None:
-        """Close the epoch's bar, print one summary line for the epoch and flush TensorBoard."""
+        """Close the epoch's bar, print one summary line for the epoch and flush the files."""
         self._stop_progress()
         self._last_step = max(self._last_step, step)
         if val is None and self._last_val is not None and self._last_val[0] == epoch:
             val = self._last_val[1]
-        if self._writer is not None and not self._closed:
-            self._writer.flush()
+        self.flush()
         logged, self._logged_in_epoch = self._logged_in_epoch, False
         if self.quiet or not (logged or epoch == epochs):
             return
@@ -562,6 +586,7 @@ class Tracker:
         """
         if self._writer is None or self._closed:
             return
+        self._write_points()
         clean = {str(k): _hparam_value(v) for k, v in hparams.items()}
         values = {str(k): _as_float(v) for k, v in metrics.items()}
         # in this run's own file: SummaryWriter.add_hparams writes a sub-folder, a second "run"
@@ -569,7 +594,7 @@ class Tracker:
         self._writer.add_summary(session_start, self._last_step)
         self._writer.add_summary(session_end, self._last_step)
         self._add_scalars(values, self._last_step)
-        self._writer.flush()
+        self.flush()
 
     def message(self, text: str, style: str | None = None) -> None:
         """Print one console line; ``quiet`` silences it unless ``style="error"``."""
@@ -594,8 +619,7 @@ class Tracker:
         Quiet: only that first line.
         """
         self._stop_progress()
-        if self._writer is not None and not self._closed:
-            self._writer.flush()
+        self.flush()
         head = f"{status}: {run_dir}" if run_dir is not None else status
         if self.quiet:
             return  # the caller prints the run folder; quiet means nothing else
@@ -633,8 +657,14 @@ class Tracker:
         """Stop the live display, flush and close the event file and metrics.jsonl. Idempotent."""
         if self._closed:
             return
-        self._closed = True
         # Each step guarded so that a failure in one (e.g. a full disk) still closes the others.
+        try:
+            self._write_points()  # the points still in memory
+        finally:
+            self._closed = True
+            self._close_outputs()
+
+    def _close_outputs(self) -> None:
         try:
             self._stop_progress()
         finally:
