@@ -13,7 +13,9 @@ every round (each run in a fresh process, so one variant's memory or warm caches
   lightning   PyTorch Lightning with its TensorBoard logger and progress bar, when it is installed
 
 and prints the median steps/s of the training loop, the spread (min-max over rounds), the ratio
-to `slicing`, and the peak resident memory of the process. Then it times `trainer --help`, a
+to `slicing`, and the peak resident memory of the process. The ratios are medians of each round's
+own ratio (a variant against the slicing loop of the same round): this VM's speed drifts by tens
+of percent within minutes, and pairing runs that are seconds apart takes most of that out. Then it times `trainer --help`, a
 one-step `trainer run` and `python -c "import torch"` as whole commands, alternating, and prints
 their medians. Models, at batch 64: linear regression (1 -> 1), an MLP 784-128-10, LeNet-5.
 """
@@ -40,6 +42,7 @@ MODELS = {
 }
 VARIANTS = ["slicing", "dataloader", "trainer", "quiet", "lightning"]
 SAMPLES = 64 * 250  # 250 steps per epoch
+IMPORT_TORCH, ONE_STEP_LOOP = "python -c 'import torch'", "hand-written loop (one step)"
 
 
 def make_data(model: str, seed: int = 0):
@@ -182,8 +185,12 @@ def run_lightning(model: str, steps: int) -> float:
         return time.perf_counter() - start
 
 
-def child(variant: str, model: str, steps: int) -> None:
+def child(variant: str, model: str, steps: int, threads: int | None) -> None:
     """One measured run in this process; prints one JSON line."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     runner = {
         "slicing": lambda: run_slicing(model, steps),
         "dataloader": lambda: run_dataloader(model, steps),
@@ -208,9 +215,9 @@ def lightning_installed() -> bool:
     return True
 
 
-def measure(variant: str, model: str, steps: int) -> dict:
+def measure(variant: str, model: str, steps: int, threads: int | None) -> dict:
     out = subprocess.run(
-        [sys.executable, __file__, "--child", variant, model, "--steps", str(steps)],
+        [sys.executable, __file__, "--child", variant, model, "--steps", str(steps), "--threads", str(threads or 0)],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     if out.returncode != 0:
@@ -229,10 +236,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (default: torch's)")
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child[0], args.child[1], args.steps)
+        child(args.child[0], args.child[1], args.steps, args.threads)
         return
 
     import torch
@@ -247,26 +255,28 @@ def main() -> None:
         for model in models:
             order = variants[r % len(variants) :] + variants[: r % len(variants)]  # rotate the order each round
             for variant in order:
-                results.setdefault((model, variant), []).append(measure(variant, model, args.steps))
+                results.setdefault((model, variant), []).append(measure(variant, model, args.steps, args.threads))
         print(f"  round {r + 1}/{args.rounds} done", file=sys.stderr)
+
+    def paired(model: str, variant: str, base: str) -> float:
+        """The median over rounds of variant's steps/s over base's in the same round."""
+        a, b = results[(model, variant)], results[(model, base)]
+        return statistics.median(x["steps_per_s"] / y["steps_per_s"] for x, y in zip(a, b))
 
     print(f"\n| model | variant | steps/s (median) | spread (min-max) | vs slicing | peak MB |")
     print("|---|---|---|---|---|---|")
     for model in models:
-        base = statistics.median(m["steps_per_s"] for m in results[(model, "slicing")])
         for variant in variants:
             runs = results[(model, variant)]
             rates = [m["steps_per_s"] for m in runs]
-            median = statistics.median(rates)
             peak = statistics.median(m["peak_mb"] for m in runs)
-            print(f"| {model} | {variant} | {median:,.0f} | {min(rates):,.0f}-{max(rates):,.0f} | "
-                  f"{median / base:.3f}x | {peak:,.0f} |")  # fmt: skip
+            print(f"| {model} | {variant} | {statistics.median(rates):,.0f} | {min(rates):,.0f}-{max(rates):,.0f} | "
+                  f"{paired(model, variant, 'slicing'):.3f}x | {peak:,.0f} |")  # fmt: skip
     print("\n| model | trainer / quiet (console and TensorBoard on vs off) | trainer / lightning |")
     print("|---|---|---|")
     for model in models:
-        rate = {v: statistics.median(m["steps_per_s"] for m in results[(model, v)]) for v in variants}
-        vs_lightning = f"{rate['trainer'] / rate['lightning']:.2f}x" if "lightning" in rate else "-"
-        print(f"| {model} | {rate['trainer'] / rate['quiet']:.3f} | {vs_lightning} |")
+        vs_lightning = f"{paired(model, 'trainer', 'lightning'):.2f}x" if "lightning" in variants else "-"
+        print(f"| {model} | {paired(model, 'trainer', 'quiet'):.3f} | {vs_lightning} |")
 
     # start-up, as whole commands
     trainer_exe = str(Path(sys.executable).with_name("trainer"))
@@ -284,8 +294,8 @@ def main() -> None:
             "torch.nn.functional.mse_loss(m(torch.randn(64, 1)), torch.randn(64, 1)).backward(); o.step()\n"
         )
         commands = {
-            "python -c 'import torch'": [sys.executable, "-c", "import torch"],
-            "hand-written loop (one step)": [sys.executable, "-c", one_step_loop],
+            IMPORT_TORCH: [sys.executable, "-c", "import torch"],
+            ONE_STEP_LOOP: [sys.executable, "-c", one_step_loop],
             "trainer --help": [trainer_exe, "--help"],
             "trainer run (one step)": [trainer_exe, "run", str(config), "-q", "--runs-root", str(Path(tmp) / "runs")],
         }
@@ -293,11 +303,14 @@ def main() -> None:
         for _ in range(args.rounds):
             for name, command in commands.items():
                 times[name].append(time_command(command))
-    base = statistics.median(times["python -c 'import torch'"])
-    print("\n| command | seconds (median) | vs import torch |")
-    print("|---|---|---|")
+    def paired_time(name: str, base: str) -> float:
+        return statistics.median(a / b for a, b in zip(times[name], times[base]))
+
+    print("\n| command | seconds (median) | vs import torch | vs the one-step loop |")
+    print("|---|---|---|---|")
     for name, values in times.items():
-        print(f"| `{name}` | {statistics.median(values):.3f} | {statistics.median(values) / base:.2f}x |")
+        vs_torch, vs_loop = paired_time(name, IMPORT_TORCH), paired_time(name, ONE_STEP_LOOP)
+        print(f"| `{name}` | {statistics.median(values):.3f} | {vs_torch:.2f}x | {vs_loop:.2f}x |")
 
 
 if __name__ == "__main__":
