@@ -2,6 +2,7 @@
 
     python benchmarks/overhead.py                  # 5 rounds, 2000 steps, all models: a few minutes
     python benchmarks/overhead.py --rounds 9 --steps 4000 --models lenet
+    python benchmarks/overhead.py --pin 1          # each run on CPU 1 with one thread: less noise
 
 Trains the same model on the same in-memory data with the same seed, alternating the variants in
 every round (each run in a fresh process, so one variant's memory or warm caches do not help the next):
@@ -185,11 +186,14 @@ def run_lightning(model: str, steps: int) -> float:
         return time.perf_counter() - start
 
 
-def child(variant: str, model: str, steps: int, threads: int | None) -> None:
+def child(variant: str, model: str, steps: int, threads: int | None, pin: int | None) -> None:
     """One measured run in this process; prints one JSON line."""
-    if threads:
-        import torch
+    import torch
 
+    if pin is not None:
+        os.sched_setaffinity(0, {pin})  # one core, one thread: the steadiest numbers a shared VM gives
+        threads = 1
+    if threads:
         torch.set_num_threads(threads)
     runner = {
         "slicing": lambda: run_slicing(model, steps),
@@ -215,9 +219,10 @@ def lightning_installed() -> bool:
     return True
 
 
-def measure(variant: str, model: str, steps: int, threads: int | None) -> dict:
+def measure(variant: str, model: str, steps: int, threads: int | None, pin: int | None) -> dict:
+    pinning = ["--pin", str(pin)] if pin is not None else []
     out = subprocess.run(
-        [sys.executable, __file__, "--child", variant, model, "--steps", str(steps), "--threads", str(threads or 0)],
+        [sys.executable, __file__, "--child", variant, model, "--steps", str(steps), "--threads", str(threads or 0), *pinning],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     if out.returncode != 0:
@@ -237,16 +242,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (default: torch's)")
+    parser.add_argument("--pin", type=int, default=None, metavar="CPU", help="run each variant on this one CPU, one thread (Linux)")
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child[0], args.child[1], args.steps, args.threads)
+        child(args.child[0], args.child[1], args.steps, args.threads, args.pin)
         return
 
     import torch
 
     variants = [v for v in VARIANTS if v != "lightning" or lightning_installed()]
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, threads {torch.get_num_threads()}; "
+    threads = 1 if args.pin is not None else args.threads or torch.get_num_threads()
+    pinned = f" pinned to CPU {args.pin}" if args.pin is not None else ""
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, threads {threads}{pinned}; "
           f"{args.rounds} rounds x {args.steps} steps, batch {BATCH}; lightning: "
           f"{'yes' if 'lightning' in variants else 'not installed'}")  # fmt: skip
     models = args.models.split(",")
@@ -255,7 +263,7 @@ def main() -> None:
         for model in models:
             order = variants[r % len(variants) :] + variants[: r % len(variants)]  # rotate the order each round
             for variant in order:
-                results.setdefault((model, variant), []).append(measure(variant, model, args.steps, args.threads))
+                results.setdefault((model, variant), []).append(measure(variant, model, args.steps, args.threads, args.pin))
         print(f"  round {r + 1}/{args.rounds} done", file=sys.stderr)
 
     def paired(model: str, variant: str, base: str) -> float:

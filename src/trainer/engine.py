@@ -1,7 +1,7 @@
 """The training loop: `fit`, `train_epoch` and `evaluate` as plain functions.
 
 The loss stays on the device between log points: the only host syncs are one `.item()` per log
-point, one per epoch for the epoch's mean loss, and one per validation pass.
+point, one at an epoch end that is not a log point, and one per validation pass.
 """
 
 from __future__ import annotations

@@ -447,7 +447,6 @@ class Checkpoints:
         return False
 
 
-
 def _cannot_write(path: Path, err: Exception) -> str:
     reason = getattr(err, "strerror", None) or first_line(err)
     return f"cannot write checkpoint '{path}': {reason}; the previous one is intact"

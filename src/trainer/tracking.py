@@ -200,7 +200,7 @@ class EventFile:
 
     def add_summary(self, summary: Any, step: int, wall_time: float | None = None) -> None:
         """Append a ``Summary`` proto as one event at `step` (logged at `wall_time`, default now)."""
-        self._write(self._Event(wall_time=wall_time or time.time(), step=step, summary=summary))
+        self._write(self._Event(wall_time=time.time() if wall_time is None else wall_time, step=step, summary=summary))
         if time.monotonic() - self._flushed > self.flush_secs:
             self.flush()
 
