@@ -350,6 +350,20 @@ def test_a_checkpoint_whose_fsync_fails_in_the_background_stops_the_run(tmp_path
     assert sorted(p.name for p in last.parent.iterdir()) == []  # nothing half-written left
 
 
+def test_the_last_checkpoints_failed_fsync_fails_the_run_at_its_end(tmp_path, monkeypatch):
+    import errno
+
+    def failing_fsync(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    result = execute_run(config_from_dict(tiny_config(train={"epochs": 1})), root=tmp_path, quiet=True)
+    last = result.run_dir / "checkpoints" / "last.pt"
+    assert result.status == "failed" and result.exit_code == 1 and result.summary["steps"] == 4
+    assert result.error == f"cannot write checkpoint '{last}': Input/output error; the previous one is intact"
+    assert json.loads((result.run_dir / "summary.json").read_text())["status"] == "failed"
+
+
 def test_resume_refuses_what_it_cannot_continue(cli, tmp_path, write_config, tiny):
     import torch
 
