@@ -333,35 +333,29 @@ def test_a_checkpoint_save_that_fails_names_the_path_and_keeps_the_old_one(cli, 
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best.pt", "last.pt"]  # no stray temporary file
 
 
-def test_a_checkpoint_whose_fsync_fails_in_the_background_stops_the_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "epochs,stopped_at",
+    [
+        # the first epoch's save is staged, then its fsync fails on the writer thread: the run
+        # learns it at the next save, not after the third epoch
+        pytest.param(3, 2 * 4, id="at-the-next-save"),
+        pytest.param(1, 4, id="at-the-end"),  # the run's last save: the run waits for it and fails
+    ],
+)
+def test_a_checkpoint_whose_fsync_fails_in_the_background_stops_the_run(tmp_path, monkeypatch, epochs, stopped_at):
     import errno
 
-    # the first epoch's save is staged, then its fsync fails on the writer thread: the run learns
-    # it at the next save (or at its end) and fails naming the file
     def failing_fsync(fd):
         raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(os, "fsync", failing_fsync)
-    result = execute_run(config_from_dict(tiny_config(train={"epochs": 3})), root=tmp_path, quiet=True)
+    result = execute_run(config_from_dict(tiny_config(train={"epochs": epochs})), root=tmp_path, quiet=True)
     last = result.run_dir / "checkpoints" / "last.pt"
     assert result.status == "failed" and result.exit_code == 1
     assert result.error == f"cannot write checkpoint '{last}': Input/output error; the previous one is intact"
-    assert result.summary["steps"] == 2 * 4  # stopped at the second save, not after the third epoch
-    assert sorted(p.name for p in last.parent.iterdir()) == []  # nothing half-written left
-
-
-def test_the_last_checkpoints_failed_fsync_fails_the_run_at_its_end(tmp_path, monkeypatch):
-    import errno
-
-    def failing_fsync(fd):
-        raise OSError(errno.EIO, "Input/output error")
-
-    monkeypatch.setattr(os, "fsync", failing_fsync)
-    result = execute_run(config_from_dict(tiny_config(train={"epochs": 1})), root=tmp_path, quiet=True)
-    last = result.run_dir / "checkpoints" / "last.pt"
-    assert result.status == "failed" and result.exit_code == 1 and result.summary["steps"] == 4
-    assert result.error == f"cannot write checkpoint '{last}': Input/output error; the previous one is intact"
+    assert result.summary["steps"] == stopped_at
     assert json.loads((result.run_dir / "summary.json").read_text())["status"] == "failed"
+    assert sorted(p.name for p in last.parent.iterdir()) == []  # nothing half-written left
 
 
 def test_resume_refuses_what_it_cannot_continue(cli, tmp_path, write_config, tiny):
