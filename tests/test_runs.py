@@ -192,9 +192,10 @@ def test_resume_is_bit_exact(cli, tmp_path, data_path, steps_per_epoch, schedule
 
 
 def test_a_run_killed_outright_resumes_into_the_uninterrupted_run(cli, tmp_path):
-    # SIGKILL just after a checkpoint_every save: its fsync and rename may still have been under
-    # way, so last.pt is that save or the one before; either way the resumed run, its
-    # metrics.jsonl and its TensorBoard events are those of the run that was never killed
+    # SIGKILL at step 7, just after the checkpoint_every save of step 6: its fsync and rename may
+    # still have been under way, so last.pt is that save or the one before it, the epoch-end save
+    # of step 5 (5 steps per epoch; the save of step 6 waited for it). Either way the resumed run,
+    # its metrics.jsonl and its TensorBoard events are those of the run that was never killed
     config = _exactness_config(tmp_path, "memory", scheduler=True)
     every = ("train.log_every=1", "train.checkpoint_every=3")
     full = cli("run", config, *every, "--run-dir", tmp_path / "full", "-q")
@@ -204,7 +205,9 @@ def test_a_run_killed_outright_resumes_into_the_uninterrupted_run(cli, tmp_path)
     assert killed.code == -signal.SIGKILL and not (folder / "summary.json").exists()
     resumed = cli("resume", folder, "-q")
     assert resumed.code == 0, resumed.output
-    assert json.loads((folder / "env.json").read_text())["resumes"][0]["step"] in (3, 6)
+    resumed_from = json.loads((folder / "env.json").read_text())["resumes"][0]
+    assert resumed_from["step"] in (5, 6)
+    assert Path(resumed_from["from"]).name == "last.pt"  # not best.pt, when that is the same file
     _assert_same_run(tmp_path / "full", folder)
 
 

@@ -511,11 +511,11 @@ def find_checkpoint(spec: str | Path, *, name: str, root: Path) -> tuple[Path, d
     """
     spec_path = Path(spec)
     if str(spec) == "auto":
-        candidates = sorted(Path(root).glob(f"{name}/*/checkpoints/*.pt"), key=_mtime, reverse=True)
+        candidates = sorted(Path(root).glob(f"{name}/*/checkpoints/*.pt"), key=_recency, reverse=True)
         where = f"under {Path(root) / name}"
     elif spec_path.is_dir():
         folder = spec_path / "checkpoints" if (spec_path / "checkpoints").is_dir() else spec_path
-        candidates = sorted(folder.glob("*.pt"), key=_mtime, reverse=True)
+        candidates = sorted(folder.glob("*.pt"), key=_recency, reverse=True)
         where = f"in {folder}"
     elif spec_path.exists():
         return spec_path, _trainer_checkpoint(spec_path)
@@ -552,8 +552,9 @@ def _on_cpu(running: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _mtime(path: Path) -> float:
-    return path.stat().st_mtime
+def _recency(path: Path) -> tuple[float, bool]:
+    # best.pt is often a hard link to last.pt, with the same mtime: name last.pt, the resumed file
+    return path.stat().st_mtime, path.name == "last.pt"
 
 
 # the parts of a config that make a resumed run a different run; a longer budget does not, except
