@@ -85,6 +85,33 @@ def test_logged_loss_is_the_mean_over_the_window():
     assert tracker.epochs[0]["train_loss"] == pytest.approx(sum(v * v for v in range(6)) / 6)
 
 
+def test_a_checkpoint_between_log_points_holds_the_kept_losses_as_plain_tensors():
+    # the loop keeps each step's own loss tensor (no per-step detach); what a checkpoint saves of
+    # them must load with weights_only=True as plain values, with no graph attached
+    import io
+
+    model = nn.Linear(1, 1)
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.zero_()
+    x, y = torch.zeros(6, 1), torch.arange(6, dtype=torch.float32).unsqueeze(1)
+    batches = TensorBatches(x, y, batch_size=1, shuffle=False, seed=0)
+    saved = io.BytesIO()
+
+    def after_step(state: TrainState) -> None:
+        if state.step == 3:
+            torch.save(state.to_dict(), saved)
+
+    fit(
+        model, batches, None, nn.MSELoss(), torch.optim.SGD(model.parameters(), lr=0.0),
+        LoopSettings(epochs=1, log_every=4), precision=FP32, after_step=after_step,
+    )  # fmt: skip
+    saved.seek(0)
+    kept = torch.load(saved, weights_only=True)["running"]["pending"]
+    assert [t.item() for t in kept] == [0.0, 1.0, 4.0]  # steps 1-3: squared errors y^2
+    assert not any(t.requires_grad or t.grad_fn is not None for t in kept)
+
+
 def test_max_steps_stops_mid_epoch_and_logs_the_last_step():
     model = nn.Linear(3, 1)
     batches = regression_data()  # 5 batches per epoch

@@ -80,7 +80,8 @@ class TrainState:
         return {
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "train_loss": self.train_loss, "val": dict(self.val), "best": dict(self.best),
-            "history": [dict(h) for h in self.history], "running": dict(self.running),
+            "history": [dict(h) for h in self.history],
+            "running": {k: [t.detach() for t in v] if k == "pending" else v for k, v in self.running.items()},
             "best_checkpoint": self.best_checkpoint,
         }  # fmt: skip
 
@@ -128,10 +129,17 @@ def check_finite(running: dict[str, Any], dist: Collectives | None = None) -> No
     if pending:
         # without folding: a fold here would change the order of the float sums, and a resumed
         # run would log different numbers
-        step = _first_not_finite(torch.stack(pending).float(), running["pending_first_step"])
+        step = _first_not_finite(_stacked(pending), running["pending_first_step"])
     step = _agreed_step(step, dist, running["grad_norm"].device)
     if step is not None:
         raise _not_finite(step)
+
+
+@torch.no_grad()  # the kept losses are the steps' own loss tensors: stacking them must not record a graph
+def _stacked(losses: list[torch.Tensor]) -> torch.Tensor:
+    """The kept losses as one fp32 tensor (two device ops when they are fp32 already)."""
+    stacked = torch.stack(losses)
+    return stacked if stacked.dtype == torch.float32 else stacked.float()
 
 
 def fold_pending(running: dict[str, Any]) -> tuple[torch.Tensor, int] | None:
@@ -142,7 +150,7 @@ def fold_pending(running: dict[str, Any]) -> tuple[torch.Tensor, int] | None:
     pending = running.get("pending")
     if not pending:
         return None
-    losses = torch.stack(pending).float()
+    losses = _stacked(pending)
     total = losses.sum().item()  # a read point's one wait for the device: the sums are Python floats
     running["window_loss"] += total
     running["epoch_loss"] += total
@@ -186,7 +194,11 @@ class Running:
         self.clipping = False  # whether pre-clip gradient norms are being collected
 
     def add(self, loss: torch.Tensor, samples: int, grad_norm: torch.Tensor | None) -> None:
-        """Record one step; no device op beyond the gradient-norm max when clipping."""
+        """Record one step; no device op beyond the gradient-norm max when clipping.
+
+        `loss` is kept as it is, not detached: a detach is a dispatcher op of its own, each step.
+        After the backward pass it holds no activations, only its graph's nodes until the next read.
+        """
         self.pending.append(loss)
         self.values["window_samples"] += samples
         if grad_norm is not None:
@@ -278,10 +290,14 @@ def train_epoch(
 ) -> None:
     """Train over the rest of the current epoch (from `state.batch_in_epoch`) or until `last_step`."""
     model.train()
+    autocast = precision.autocast if precision.dtype is not None else None  # fp32: no context to enter each step
     for inputs, targets in batches.epoch(state.epoch, start_batch=state.batch_in_epoch):
         # forward
-        with precision.autocast():
+        if autocast is None:
             loss = loss_fn(model(inputs), targets)
+        else:
+            with autocast():
+                loss = loss_fn(model(inputs), targets)
 
         # backward and step
         optimizer.zero_grad(set_to_none=True)
@@ -304,7 +320,7 @@ def train_epoch(
         state.batch_in_epoch += 1
 
         # keep the loss on the device: no host sync between log points
-        running.add(loss.detach(), targets.shape[0], grad_norm)
+        running.add(loss, targets.shape[0], grad_norm)
 
         # log
         if state.step % settings.log_every == 0 or state.step == last_step:
