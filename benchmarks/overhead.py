@@ -76,8 +76,9 @@ def loss_for(model: str):
 # the variants: each returns the seconds its training loop took for `steps` optimizer steps
 
 
-def hand_loop(model: str, steps: int, epoch_batches) -> float:
-    """The forty-line loop of the tutorials; `epoch_batches(x, y, epoch)` yields its batches."""
+def hand_loop(model: str, steps: int, epoch_batches, clock=time.perf_counter) -> float:
+    """The forty-line loop of the tutorials; `epoch_batches(x, y, epoch)` yields its batches.
+    `clock()` is called where the loop starts and where it ends (instructions.py counts between)."""
     import torch
 
     torch.manual_seed(0)
@@ -85,7 +86,7 @@ def hand_loop(model: str, steps: int, epoch_batches) -> float:
     net, loss_fn = build_model(model), loss_for(model)
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
     done, epoch = 0, 0
-    start = time.perf_counter()
+    start = clock()
     while done < steps:
         for xb, yb in epoch_batches(x, y, epoch):
             loss = loss_fn(net(xb), yb)
@@ -97,7 +98,7 @@ def hand_loop(model: str, steps: int, epoch_batches) -> float:
                 break
         epoch += 1
     loss.item()  # wait for the device, as the others do at their end
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def slices(x, y, epoch: int):
@@ -127,16 +128,14 @@ def run_dataloader(model: str, steps: int) -> float:
     return hand_loop(model, steps, batches)
 
 
-def run_trainer(model: str, steps: int, *, quiet: bool) -> float:
-    from rich.console import Console
-
+def trainer_config(model: str, steps: int):
+    """The `trainer` config of the same model, data, loss and optimizer as the hand-written loops."""
     from trainer.config import config_from_dict
-    from trainer.runs import execute_run
 
     config, shape, classes = MODELS[model]
     data = {"name": "random", "size": SAMPLES, "input_shape": list(shape), "batch_size": BATCH, "val_fraction": 0}
     data.update({"num_classes": classes} if classes else {"target_shape": [1]})
-    cfg = config_from_dict(
+    return config_from_dict(
         {
             "name": f"bench-{model}",
             "model": config,
@@ -146,6 +145,14 @@ def run_trainer(model: str, steps: int, *, quiet: bool) -> float:
             "train": {"max_steps": steps},
         }
     )
+
+
+def run_trainer(model: str, steps: int, *, quiet: bool) -> float:
+    from rich.console import Console
+
+    from trainer.runs import execute_run
+
+    cfg = trainer_config(model, steps)
     with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as devnull:
         result = execute_run(
             cfg, root=Path(tmp), quiet=quiet, tensorboard=not quiet, console=Console(file=devnull, force_terminal=False)

@@ -1,0 +1,48 @@
+"""The benchmark scripts still run: each variant's measured process, for a few steps."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.parametrize("variant", ["slicing", "dataloader", "trainer"])  # quiet differs from trainer by one flag
+def test_overhead_measures_each_variant(variant):
+    out = subprocess.run(
+        [sys.executable, BENCHMARKS / "overhead.py", "--child", variant, "linreg", "--steps", "20"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["steps_per_s"] > 0 and result["peak_mb"] > 0
+
+
+@pytest.mark.parametrize("variant", ["slicing", "loop", "trainer"])  # quiet differs from trainer by one flag
+def test_instructions_switches_counting_on_and_off_around_the_loop(tmp_path, variant):
+    # the measured process without valgrind: this test plays the driver's part of the handshake
+    flag = tmp_path / "flag"
+    flag.write_text("")
+    proc = subprocess.Popen(
+        [sys.executable, BENCHMARKS / "instructions.py", "--child", variant, "linreg", "--steps", "20", "--flag", flag],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    switched = []
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        state = flag.read_text()
+        if state in ("on", "off"):
+            switched.append(state)
+            flag.write_text(f"{state}-done")
+        time.sleep(0.01)
+    if proc.poll() is None:
+        proc.kill()  # stuck: the assertions below say how far it got
+    _, stderr = proc.communicate(timeout=10)
+    assert proc.returncode == 0, stderr
+    assert switched == ["on", "off"]
