@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 from torch import nn
@@ -238,13 +236,11 @@ def test_a_failing_compiler_is_one_line_naming_train_compile(monkeypatch):
 
 def test_without_a_cpp_compiler_validate_fails_in_one_line(cli, write_config, tmp_path):
     # the real inductor, up to the point where it looks for g++ (no cached kernels to fall back on)
-    started = time.perf_counter()
     no_compiler = {"CXX": "/nonexistent/g++", "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     result = cli("validate", write_config(tiny_config()), "train.compile=true", env=no_compiler)
     assert result.code == 2, result.output
     assert "error: train.compile: torch.compile could not compile model 'mlp' on cpu:" in result.stderr
     assert "C++ compiler" in result.stderr and "Traceback" not in result.output
-    assert time.perf_counter() - started < 60
 
 
 @pytest.mark.slow

@@ -179,6 +179,7 @@ print("ready", flush=True)
 while True:
     i += 1
     atomic_save({"i": i, "weights": torch.full((512, 1024), float(i))}, path)  # 2 MB a write
+    print(i, flush=True)
 """
 
 
@@ -197,7 +198,8 @@ def test_sigkill_during_writes_leaves_the_old_or_the_new_checkpoint(tmp_path):
         last = load_checkpoint(path)["i"]
         proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path), str(last * 1000)], stdout=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "ready"
-        time.sleep(rng.uniform(0.0, 0.3))  # somewhere in the middle of a write, most of the time
+        proc.stdout.readline()  # one write done: every kill finds the file moved on, however slow the disk
+        time.sleep(rng.uniform(0.0, 0.3))  # somewhere in the middle of a later write, most of the time
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         state = load_checkpoint(path)  # never a torn file

@@ -233,6 +233,27 @@ def test_a_signal_mid_epoch_saves_and_resume_completes(cli, tmp_path, signum, co
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
 
 
+@pytest.mark.parametrize("ignore_after,survives", [(True, True), (False, False)])
+def test_a_rank_past_its_run_outlives_torchruns_sigterm(ignore_after, survives):
+    # under torchrun, the rank that exits first makes torchrun SIGTERM the others; one that has
+    # finished its run must still get to print its result (and rank 0 to write the exit code)
+    import sys
+
+    script = (
+        "import os, signal\n"
+        "from trainer.runs import StopRequests\n"
+        f"with StopRequests(ignore_after={ignore_after}):\n"
+        "    pass\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "print('reported', flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    if survives:
+        assert done.returncode == 0 and done.stdout.strip() == "reported", done.stderr
+    else:  # a plain run puts the default back: SIGTERM after the run ends the process as usual
+        assert done.returncode == -signal.SIGTERM and done.stdout == ""
+
+
 def torch_load(path: Path):
     import torch
 

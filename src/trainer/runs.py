@@ -108,10 +108,17 @@ class Stopped(Exception):
 
 class StopRequests:
     """While active, SIGINT and SIGTERM ask the loop to stop after the current step (it saves
-    last.pt first); a second SIGINT stops at once."""
+    last.pt first); a second SIGINT stops at once.
 
-    def __init__(self) -> None:
+    `ignore_after`: once the run is over, ignore both instead of restoring the old handlers. Under
+    torchrun, a rank that exits first (stopped, or failed) makes torchrun SIGTERM the others; a
+    rank past its run must still report, and rank 0 write the exit code `--nproc` returns.
+    torchrun's SIGKILL after its shutdown timeout still ends a rank that hangs.
+    """
+
+    def __init__(self, ignore_after: bool = False) -> None:
         self.signum: int | None = None
+        self.ignore_after = ignore_after
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -126,7 +133,7 @@ class StopRequests:
 
     def __exit__(self, *exc: Any) -> None:
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, signal.SIG_IGN if self.ignore_after else handler)
 
 
 @dataclass
@@ -232,7 +239,7 @@ def execute_run(
     train_seconds = 0.0
     digests: list[str] | None = None  # each rank's parameters at the end of a data-parallel run
     checkpoints = None
-    with StopRequests() as stop:
+    with StopRequests(ignore_after=dist is not None) as stop:
         try:
             tracker.run_started(
                 name=built.config.name,
