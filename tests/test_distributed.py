@@ -66,11 +66,24 @@ def torchrun(args: list, *, cwd: Path, env: dict, port: int) -> subprocess.Compl
 
 
 def free_port() -> int:
+    from trainer.distributed import _free_port
+
+    return _free_port()
+
+
+def test_the_launch_port_is_free_and_outside_the_ephemeral_range():
+    # ports the kernel hands to outgoing connections (another run's gloo sockets) are drawn from
+    # the ephemeral range: a port picked there could be taken before torchrun binds it
+    import random
     import socket
 
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    state = random.getstate()
+    ports = [free_port() for _ in range(20)]
+    assert random.getstate() == state  # the run's seeded RNG is not drawn from
+    assert all(10000 <= port < low for port in ports)
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        s.bind(("127.0.0.1", ports[0]))  # still free
 
 
 # ---------------------------------------------------------------------------------------------

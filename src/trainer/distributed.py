@@ -191,9 +191,27 @@ def wrap(model: Any, device: Any) -> Any:
 
 
 def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port that is free now, for torchrun to bind a second later.
+
+    Drawn below the kernel's ephemeral range: the outgoing connections of other processes (another
+    run's gloo sockets) are given ports from that range, and one could take the port in between.
+    """
+    import random
+
+    try:
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 0
+    draw = random.SystemRandom().randrange  # not the global RNG: a run's seed owns that
+    candidates = [draw(10000, ephemeral_low) for _ in range(20)] if ephemeral_low > 11000 else []
+    for port in [*candidates, 0]:  # 0: the kernel picks one, from the ephemeral range
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise OSError("no free port on 127.0.0.1")  # pragma: no cover - port 0 always binds
 
 
 def launch_command(nproc: int, trainer_args: list[str], port: int) -> list[str]:
