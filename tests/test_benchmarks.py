@@ -46,3 +46,16 @@ def test_instructions_switches_counting_on_and_off_around_the_loop(tmp_path, var
     _, stderr = proc.communicate(timeout=10)
     assert proc.returncode == 0, stderr
     assert switched == ["on", "off"]
+
+
+def test_instructions_without_valgrind_says_so_in_one_line():
+    import os
+
+    out = subprocess.run(
+        [sys.executable, BENCHMARKS / "instructions.py"], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PATH": "/nonexistent"},  # no valgrind on it
+    )  # fmt: skip
+    assert out.returncode == 1
+    assert out.stderr.strip() == (
+        "valgrind is not installed (apt-get install valgrind); overhead.py measures time without it"
+    )

@@ -19,6 +19,7 @@ import torch
 from conftest import trainer_executable
 from trainer.checkpoint import state_digest
 from trainer.distributed import Distributed, from_environment, launch_command, rank_device
+from trainer.distributed import _free_port as free_port  # the port --nproc gives torchrun
 from trainer.errors import UsageError
 
 LOOPBACK = {"MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
@@ -65,12 +66,6 @@ def torchrun(args: list, *, cwd: Path, env: dict, port: int) -> subprocess.Compl
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
-def free_port() -> int:
-    from trainer.distributed import _free_port
-
-    return _free_port()
-
-
 def test_the_launch_port_is_free_and_outside_the_ephemeral_range():
     # ports the kernel hands to outgoing connections (another run's gloo sockets) are drawn from
     # the ephemeral range: a port picked there could be taken before torchrun binds it
@@ -84,6 +79,25 @@ def test_the_launch_port_is_free_and_outside_the_ephemeral_range():
     assert all(10000 <= port < low for port in ports)
     with socket.socket() as s:
         s.bind(("127.0.0.1", ports[0]))  # still free
+
+
+def test_without_the_ephemeral_range_the_kernel_picks_the_port(monkeypatch):
+    # no /proc (not Linux) or an unreadable range: port 0, a port the kernel knows is free
+    import socket
+
+    real_read_text = Path.read_text
+
+    def no_proc(self, *args, **kwargs):
+        if str(self).startswith("/proc/"):
+            raise FileNotFoundError(self)
+        return real_read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", no_proc)
+    port = free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # it is free
+    low, high = (int(v) for v in real_read_text(Path("/proc/sys/net/ipv4/ip_local_port_range")).split())
+    assert low <= port <= high  # the kernel's own choice, not one drawn below the range
 
 
 # ---------------------------------------------------------------------------------------------
