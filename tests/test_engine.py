@@ -112,6 +112,61 @@ def test_a_checkpoint_between_log_points_holds_the_kept_losses_as_plain_tensors(
     assert not any(t.requires_grad or t.grad_fn is not None for t in kept)
 
 
+def saved_objects(state: TrainState) -> int:
+    """How many objects torch.save pickles for `state.to_dict()` (it calls back into Python for each)."""
+    import io
+    import pickle
+
+    class Counting(pickle.Pickler):
+        count = 0
+
+        def persistent_id(self, obj):
+            Counting.count += 1
+            return None
+
+    Counting(io.BytesIO()).dump(state.to_dict())
+    return Counting.count
+
+
+def test_a_checkpoint_of_a_long_run_pickles_no_more_objects_than_a_short_one():
+    # runs of many tiny epochs (the seed experiments: 200-500 one-step epochs) save at every epoch
+    # end; when each save pickled the whole history as dicts, the saves grew with the epochs
+    def trained(epochs: int) -> TrainState:
+        model = nn.Linear(3, 1)
+        return fit(
+            model, regression_data(), regression_data(seed=1), nn.MSELoss(),
+            torch.optim.SGD(model.parameters(), lr=0.01), LoopSettings(epochs=epochs), precision=FP32,
+        )  # fmt: skip
+
+    short, long = trained(2), trained(40)
+    assert len(long.history) == 40
+    assert saved_objects(long) == saved_objects(short)
+    # and the history comes back whole, however often it was saved
+    long.to_dict()
+    again = TrainState.from_dict(long.to_dict())
+    assert again.history == long.history and again.history[-1]["step"] == long.step
+
+
+def test_train_state_reads_the_history_of_earlier_checkpoints():
+    # format 1 kept the history as a list of dicts
+    old = TrainState(step=10, epoch=2, history=[{"epoch": 1, "step": 5}, {"epoch": 2, "step": 10}]).to_dict()
+    old["history"] = [{"epoch": 1, "step": 5}, {"epoch": 2, "step": 10}]
+    state = TrainState.from_dict(old)
+    assert state.history == [{"epoch": 1, "step": 5}, {"epoch": 2, "step": 10}]
+    state.history.append({"epoch": 3, "step": 15})
+    assert TrainState.from_dict(state.to_dict()).history[-1] == {"epoch": 3, "step": 15}
+
+
+def test_train_state_encodes_a_replaced_history_anew():
+    state = TrainState(history=[{"epoch": 1, "val_loss": 0.5}, {"epoch": 2, "val_loss": float("nan")}])
+    state.to_dict()
+    state.history = [{"epoch": 1, "val_loss": 0.25}]
+    assert TrainState.from_dict(state.to_dict()).history == [{"epoch": 1, "val_loss": 0.25}]
+    state.history.append({"epoch": 2, "val_loss": float("inf"), "train_loss": float("nan")})  # a diverged validation
+    last = TrainState.from_dict(state.to_dict()).history[-1]
+    assert last["val_loss"] == float("inf") and math.isnan(last["train_loss"])
+
+
 def test_max_steps_stops_mid_epoch_and_logs_the_last_step():
     model = nn.Linear(3, 1)
     batches = regression_data()  # 5 batches per epoch

@@ -405,6 +405,32 @@ def test_resume_refuses_what_it_cannot_continue(cli, tmp_path, write_config, tin
     assert "Traceback" not in outside.output + other.output + longer.output + new_lr.output
 
 
+def test_resume_reads_a_checkpoint_of_format_1_and_refuses_a_newer_format(cli, tmp_path, write_config, tiny):
+    import json
+
+    import torch
+
+    config = write_config(tiny())
+    folder = tmp_path / cli("run", config, "-q").stdout.strip()
+    last = folder / "checkpoints" / "last.pt"
+    payload = torch.load(last, weights_only=True)
+    assert payload["format"] == 2 and json.loads(payload["train_state"]["history"])[-1]["epoch"] == 2
+    # format 1 (trainer before the history became JSON text) kept the history as a list of dicts
+    payload["format"] = 1
+    payload["train_state"]["history"] = json.loads(payload["train_state"]["history"])
+    torch.save(payload, last)
+    resumed = cli("resume", folder, "train.epochs=3", "-q")
+    assert resumed.code == 0, resumed.stderr
+    again = torch.load(last, weights_only=True)
+    assert again["format"] == 2 and [h["epoch"] for h in json.loads(again["train_state"]["history"])] == [1, 2, 3]
+    # a file a later version wrote: refused by its number, not misread
+    again["format"] = 3
+    torch.save(again, last)
+    newer = cli("run", config, "--resume", last, "train.epochs=4")
+    assert newer.code == 2 and "Traceback" not in newer.output
+    assert "(format 3; it reads format 1 or 2)" in newer.stderr
+
+
 def test_resume_refuses_data_that_changed_on_disk(cli, tmp_path, write_config):
     table = tmp_path / "table.csv"
     rows = [f"{i},{i % 3},{2 * i}" for i in range(40)]

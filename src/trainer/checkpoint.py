@@ -20,7 +20,8 @@ import torch
 
 from trainer.errors import UsageError
 
-CHECKPOINT_FORMAT = 1  # bumped when the layout of the dict changes
+CHECKPOINT_FORMAT = 2  # bumped when the layout of the dict changes (2: train_state.history is JSON text)
+READABLE_FORMATS = (1, 2)  # what this version loads: an older trainer refuses a newer file by its number
 
 
 def serialize(obj: Any) -> memoryview:

@@ -540,11 +540,15 @@ def find_checkpoint(spec: str | Path, *, name: str, root: Path) -> tuple[Path, d
 
 def _trainer_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint this version of trainer wrote (any .pt that loads is not one)."""
-    from trainer.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
+    from trainer.checkpoint import READABLE_FORMATS, load_checkpoint
 
     payload = load_checkpoint(path)
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT or "config" not in payload:
-        raise UsageError(f"checkpoint '{path}' is not a trainer checkpoint (format {CHECKPOINT_FORMAT})")
+    if not isinstance(payload, dict) or payload.get("format") not in READABLE_FORMATS or "config" not in payload:
+        found = f"format {payload['format']}" if isinstance(payload, dict) and "format" in payload else "no format number"
+        readable = " or ".join(map(str, READABLE_FORMATS))
+        raise UsageError(
+            f"checkpoint '{path}' is not a trainer checkpoint this version reads ({found}; it reads format {readable})"
+        )
     return payload
 
 
