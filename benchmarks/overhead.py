@@ -85,10 +85,16 @@ def hand_loop(model: str, steps: int, epoch_batches, clock=time.perf_counter) ->
     x, y = make_data(model)
     net, loss_fn = build_model(model), loss_for(model)
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    return bare_loop(net, loss_fn, opt, steps, lambda epoch: epoch_batches(x, y, epoch), clock)
+
+
+def bare_loop(net, loss_fn, opt, steps: int, epoch_batches, clock=time.perf_counter) -> float:
+    """`steps` optimizer steps over `epoch_batches(epoch)`, epoch after epoch, and nothing else:
+    seconds between the two `clock()` calls."""
     done, epoch = 0, 0
     start = clock()
     while done < steps:
-        for xb, yb in epoch_batches(x, y, epoch):
+        for xb, yb in epoch_batches(epoch):
             loss = loss_fn(net(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -59,3 +59,14 @@ def test_instructions_without_valgrind_says_so_in_one_line():
     assert out.stderr.strip() == (
         "valgrind is not installed (apt-get install valgrind); overhead.py measures time without it"
     )
+
+
+@pytest.mark.parametrize("variant", ["loop", "trainer", "no-checkpoints"])
+def test_epochs_measures_each_variant(variant):
+    config = Path(__file__).resolve().parents[1] / "configs" / "sqrt2.yaml"  # 200 one-step epochs
+    out = subprocess.run(
+        [sys.executable, BENCHMARKS / "epochs.py", "--child", variant, "--config", config],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1])["seconds"] > 0
