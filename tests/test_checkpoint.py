@@ -1,7 +1,9 @@
 """Tests for trainer.checkpoint: atomic save and safe (weights_only) load."""
 
+import errno
 import os
 import pathlib
+import stat
 
 import pytest
 import torch
@@ -222,7 +224,7 @@ def test_best_linked_to_last_keeps_its_state_when_last_moves_on(tmp_path):
 def test_background_writes_wait_for_the_disk_off_the_callers_thread_and_in_order(tmp_path, monkeypatch):
     import threading
 
-    from trainer.checkpoint import BackgroundWrites, commit, link_or_write, serialize, stage
+    from trainer.checkpoint import BackgroundWrites, commit, link_or_copy, serialize, stage
 
     synced_on = []
     real_fsync = os.fsync
@@ -232,16 +234,53 @@ def test_background_writes_wait_for_the_disk_off_the_callers_thread_and_in_order
     for step in (1, 2):
         data = serialize({"step": step})
         writes.submit(last, commit, stage(data, last))  # the bytes are in a temporary file already
-        writes.submit(best, link_or_write, last, data, best)  # must see this step's last.pt, not the one before
+        writes.submit(best, link_or_copy, last, best)  # must see this step's last.pt, not the one before
     assert writes.close() is None
     assert load_checkpoint(last) == {"step": 2} and load_checkpoint(best) == {"step": 2}
     assert synced_on and all(name.startswith("trainer-checkpoints") for name in synced_on)
     assert files_in(tmp_path) == ["best.pt", "last.pt"]
 
 
-def test_a_background_write_that_fails_is_reported_with_its_path_and_keeps_the_old_file(tmp_path, monkeypatch):
-    import errno
+def test_best_is_a_copy_where_the_filesystem_has_no_hard_links(tmp_path, monkeypatch):
+    from trainer.checkpoint import link_or_copy
 
+    def no_links(source, target):
+        raise OSError(errno.EPERM, "Operation not permitted")  # FAT, exFAT, some network filesystems
+
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    atomic_save({"step": 1}, last)
+    monkeypatch.setattr(os, "link", no_links)
+    link_or_copy(last, best)
+    atomic_save({"step": 2}, last)
+    assert load_checkpoint(best) == {"step": 1} and load_checkpoint(last) == {"step": 2}
+    assert files_in(tmp_path) == ["best.pt", "last.pt"]
+
+
+def test_a_best_save_fsyncs_the_folder_once_after_both_renames(tmp_path, monkeypatch):
+    # last.pt's rename and best.pt's link share one fsync of the folder: durable together, after both
+    from trainer.checkpoint import commit, link_or_copy, serialize, stage
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append("fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(f"rename to {pathlib.Path(dst).name}")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    commit(stage(serialize({"step": 1}), last), sync_folder=False)
+    link_or_copy(last, best)
+    assert events == ["fsync file", "rename to last.pt", "rename to best.pt", "fsync folder"]
+    assert load_checkpoint(best) == {"step": 1} and os.stat(best).st_ino == os.stat(last).st_ino
+
+
+def test_a_background_write_that_fails_is_reported_with_its_path_and_keeps_the_old_file(tmp_path, monkeypatch):
     from trainer.checkpoint import BackgroundWrites, commit, serialize, stage
 
     last = tmp_path / "last.pt"

@@ -57,9 +57,13 @@ def stage(data: bytes | memoryview, path: Path) -> StagedFile:
     return StagedFile(path, Path(tmp_name), fd)
 
 
-def commit(staged: StagedFile) -> None:
+def commit(staged: StagedFile, *, sync_folder: bool = True) -> None:
     """fsync the staged file, rename it over its path and fsync the folder: after a crash the
-    path holds the old contents or the new, never half of them."""
+    path holds the old contents or the new, never half of them.
+
+    `sync_folder=False` leaves the folder's fsync to a call that follows at once (`link_or_copy`
+    of best.pt, in the same folder): one fsync makes both renames durable.
+    """
     try:
         try:
             os.fsync(staged.fd)
@@ -69,7 +73,8 @@ def commit(staged: StagedFile) -> None:
     except BaseException:
         staged.tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(staged.path.parent)
+    if sync_folder:
+        _fsync_dir(staged.path.parent)
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -77,10 +82,11 @@ def atomic_save(obj: Any, path: Path) -> None:
     commit(stage(serialize(obj), path))
 
 
-def link_or_write(source: Path, data: bytes | memoryview, path: Path) -> None:
-    """Make `path` hold `data`, which `source` holds already: a hard link where the filesystem has them."""
+def link_or_copy(source: Path, path: Path) -> None:
+    """Make `path` hold what `source` holds now: a hard link, or a copy where the filesystem has no
+    hard links (read back from `source`, so no caller has to keep the bytes in memory meanwhile)."""
     if not atomic_link(source, path):
-        commit(stage(data, path))
+        commit(stage(Path(source).read_bytes(), path))
 
 
 class BackgroundWrites:

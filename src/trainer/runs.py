@@ -11,6 +11,7 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -410,20 +411,20 @@ class Checkpoints:
 
     def _write(self, state: Any, running_by_rank: list[dict[str, Any]] | None, best: bool) -> str | None:
         """Write the files (their fsync and rename in the background); why they cannot be, or None."""
-        from trainer.checkpoint import commit, link_or_write, serialize, stage, training_state
+        from trainer.checkpoint import commit, link_or_copy, serialize, stage, training_state
 
         error = self.writes.wait()  # the previous save is on disk before this one starts: at most one in flight
         if error is not None:
             return _cannot_write(*error)
         last = self.folder / "last.pt"
         try:
-            data = serialize(training_state(self.built, state, running_by_rank))
-            staged = stage(data, last)
+            staged = stage(serialize(training_state(self.built, state, running_by_rank)), last)
         except (OSError, RuntimeError) as err:  # torch's zip writer reports a full disk as a RuntimeError
             return _cannot_write(last, err)
-        self.writes.submit(last, commit, staged)
+        # with best.pt, the folder's fsync comes once, after both renames
+        self.writes.submit(last, partial(commit, staged, sync_folder=not best))
         if best:  # best.pt is this same state: a second name for last.pt's new file
-            self.writes.submit(self.folder / "best.pt", link_or_write, last, data, self.folder / "best.pt")
+            self.writes.submit(self.folder / "best.pt", partial(link_or_copy, last, self.folder / "best.pt"))
         return None
 
     def finish(self) -> None:
