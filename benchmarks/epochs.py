@@ -1,7 +1,7 @@
 """What does an epoch end cost? Runs a config with many short epochs three ways.
 
     python benchmarks/epochs.py                               # configs/two_layer_net.yaml, 5 rounds
-    python benchmarks/epochs.py --config configs/sqrt2.yaml --rounds 9 --pin 1
+    python benchmarks/epochs.py --config configs/sqrt2.yaml train.epochs=2000 --pin 1
 
 The seed experiments are tutorial loops over a few dozen samples, so every step is an epoch:
 two_layer_net.yaml is 500 epochs of one step. Everything trainer does once an epoch (the
@@ -64,7 +64,7 @@ def run_trainer(config, *, checkpoints: bool) -> float:
     return result.summary["train_time_s"]
 
 
-def child(variant: str, config_path: Path, pin: int | None) -> None:
+def child(variant: str, config_path: Path, overrides: list[str], pin: int | None) -> None:
     """One measured run in this process; prints one JSON line."""
     import torch
 
@@ -73,15 +73,15 @@ def child(variant: str, config_path: Path, pin: int | None) -> None:
     if pin is not None:
         os.sched_setaffinity(0, {pin})
         torch.set_num_threads(1)
-    config = load_config(config_path)
+    config = load_config(config_path, overrides)
     seconds = run_loop(config) if variant == "loop" else run_trainer(config, checkpoints=variant == "trainer")
     print(json.dumps({"seconds": seconds}))
 
 
-def measure(variant: str, config: Path, pin: int | None) -> float:
+def measure(variant: str, config: Path, overrides: list[str], pin: int | None) -> float:
     pinning = ["--pin", str(pin)] if pin is not None else []
     out = subprocess.run(
-        [sys.executable, __file__, "--child", variant, "--config", str(config), *pinning],
+        [sys.executable, __file__, "--child", variant, "--config", str(config), *pinning, *overrides],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     if out.returncode != 0:
@@ -92,27 +92,28 @@ def measure(variant: str, config: Path, pin: int | None) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, as for trainer run")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--pin", type=int, default=None, metavar="CPU", help="run each variant on this one CPU, one thread (Linux)")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.config, args.pin)
+        child(args.child, args.config, args.overrides, args.pin)
         return
 
     from trainer.build import build_run
     from trainer.config import load_config
 
-    built = build_run(load_config(args.config))
+    built = build_run(load_config(args.config, args.overrides))
     steps_per_epoch = len(built.train_batches)
     steps = built.settings.last_step(steps_per_epoch)
     epochs = -(-steps // steps_per_epoch)
-    print(f"{args.config.name}: {steps} steps in {epochs} epochs of {steps_per_epoch}; {args.rounds} rounds"
+    print(f"{args.config.name} {' '.join(args.overrides)}: {steps} steps in {epochs} epochs of {steps_per_epoch}; {args.rounds} rounds"
           + (f", pinned to CPU {args.pin}" if args.pin is not None else ""))  # fmt: skip
     seconds: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for r in range(args.rounds):
         for variant in VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]:  # rotate the order each round
-            seconds[variant].append(measure(variant, args.config, args.pin))
+            seconds[variant].append(measure(variant, args.config, args.overrides, args.pin))
         print(f"  round {r + 1}/{args.rounds} done", file=sys.stderr)
 
     loop = seconds["loop"]
