@@ -280,6 +280,54 @@ def test_a_best_save_fsyncs_the_folder_once_after_both_renames(tmp_path, monkeyp
     assert load_checkpoint(best) == {"step": 1} and os.stat(best).st_ino == os.stat(last).st_ino
 
 
+def test_after_a_failed_write_best_is_not_linked_to_the_old_last(tmp_path, monkeypatch):
+    # last.pt's fsync fails: best.pt of that save must not become a second name for the old last.pt
+    from trainer.checkpoint import BackgroundWrites, commit, link_or_copy, serialize, stage
+
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    atomic_save({"step": 1}, last)
+    atomic_save({"step": 0}, best)  # the best epoch so far was an earlier one
+    real_fsync = os.fsync
+
+    def failing_fsync(fd):
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    writes = BackgroundWrites()
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    writes.submit(last, commit, stage(serialize({"step": 2}), last), sync_folder=False)
+    writes.submit(best, link_or_copy, last, best)
+    path, error = writes.wait()
+    assert path == last and error.errno == errno.EIO
+    assert load_checkpoint(last) == {"step": 1} and load_checkpoint(best) == {"step": 0}
+    monkeypatch.setattr(os, "fsync", real_fsync)  # the disk is back: the next save goes through whole
+    writes.submit(last, commit, stage(serialize({"step": 3}), last), sync_folder=False)
+    writes.submit(best, link_or_copy, last, best)
+    assert writes.close() is None
+    assert load_checkpoint(last) == {"step": 3} and load_checkpoint(best) == {"step": 3}
+    assert files_in(tmp_path) == ["best.pt", "last.pt"]
+
+
+def test_a_copy_of_best_that_fails_still_fsyncs_the_folder(tmp_path, monkeypatch):
+    # the rename of last.pt before it left the folder's fsync to this call
+    import shutil
+
+    from trainer.checkpoint import link_or_copy
+
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    atomic_save({"step": 1}, last)
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "link", lambda source, target: (_ for _ in ()).throw(OSError(errno.EPERM, "no hard links")))
+    monkeypatch.setattr(shutil, "copyfileobj", lambda source, target: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(OSError, match="No space"):
+        link_or_copy(last, best)
+    assert synced == [True]  # the folder, once
+    assert files_in(tmp_path) == ["last.pt"]  # no temporary file left
+
+
 def test_a_background_write_that_fails_is_reported_with_its_path_and_keeps_the_old_file(tmp_path, monkeypatch):
     from trainer.checkpoint import BackgroundWrites, commit, serialize, stage
 

@@ -51,6 +51,35 @@ def test_execute_run_writes_a_complete_folder(tmp_path):
     assert {"train_loss", "val_loss"} <= set(summary["final"]) and summary["wall_time_s"] > 0
 
 
+def test_every_checkpoint_save_fsyncs_the_folder_once_after_its_renames(tmp_path, monkeypatch):
+    # an epoch-end save that makes best.pt too renames last.pt, links best.pt, then fsyncs the
+    # folder: one fsync for both, and none of them left without one
+    import stat
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode) and os.readlink(f"/proc/self/fd/{fd}").endswith("checkpoints"):
+            events.append("fsync folder")
+        real_fsync(fd)
+
+    def replace(src, dst):
+        if Path(dst).parent.name == "checkpoints":
+            events.append(f"rename {Path(dst).name}")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    config = config_from_dict(tiny_config(train={"epochs": 4, "log_every": 2}, optimizer={"name": "sgd", "lr": 0.05}))
+    result = execute_run(config, root=tmp_path, quiet=True)
+    assert result.status == "completed"
+    saves = " ".join(events).replace("fsync folder", "fsync folder |").split(" |")[:-1]
+    assert len(saves) == 4 and " ".join(saves).count("rename last.pt") == 4
+    assert {save.strip() for save in saves} <= {"rename last.pt fsync folder", "rename last.pt rename best.pt fsync folder"}
+    assert "rename best.pt" in saves[0]  # the first epoch is the best so far
+
+
 def test_a_failed_run_records_failed_and_keeps_the_last_good_checkpoint(tmp_path):
     # lr 1e6 diverges in the first epoch: no epoch ended well, so no checkpoint either
     config = config_from_dict(tiny_config(optimizer={"name": "sgd", "lr": 1e6}, train={"epochs": 5, "log_every": 1}))

@@ -9,6 +9,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import struct
 import tempfile
 from dataclasses import dataclass
@@ -40,16 +41,21 @@ class StagedFile:
     fd: int
 
 
-def stage(data: bytes | memoryview, path: Path) -> StagedFile:
-    """Write `data` to a temporary file in `path`'s folder: a read-only folder or a full disk fails
-    here, in the caller's thread; `commit` makes it durable and puts it in place."""
+def stage(data: bytes | memoryview | Path, path: Path) -> StagedFile:
+    """Write `data` (bytes, or the contents of the file it names) to a temporary file in `path`'s
+    folder: a read-only folder or a full disk fails here, in the caller's thread; `commit` makes it
+    durable and puts it in place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        if isinstance(data, Path):
+            with open(data, "rb") as source, open(fd, "wb", closefd=False) as target:
+                shutil.copyfileobj(source, target)  # in chunks: a checkpoint of GBs is never all in memory
+        else:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
     except BaseException:
         os.close(fd)
         Path(tmp_name).unlink(missing_ok=True)
@@ -84,28 +90,47 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 def link_or_copy(source: Path, path: Path) -> None:
     """Make `path` hold what `source` holds now: a hard link, or a copy where the filesystem has no
-    hard links (read back from `source`, so no caller has to keep the bytes in memory meanwhile)."""
-    if not atomic_link(source, path):
-        commit(stage(Path(source).read_bytes(), path))
+    hard links (read back from `source`, so no caller has to keep the bytes in memory meanwhile).
+    Either way the folder is fsynced, also when this fails: a `commit(sync_folder=False)` of
+    `source` just before relies on it."""
+    try:
+        if not atomic_link(source, path):
+            commit(stage(Path(source), path))
+    except BaseException:
+        _fsync_dir(Path(path).parent)
+        raise
 
 
 class BackgroundWrites:
     """Calls that wait for the disk (fsync), run in order on one thread while training goes on.
 
-    `wait()` blocks until all submitted calls are done and returns the first one's error as
-    (path, exception), or None; a checkpoint is on disk for sure only after it.
+    Once a call fails, the calls after it are skipped until `wait()`: best.pt must not be linked
+    to a last.pt whose new state never got there. `wait()` blocks until all submitted calls are
+    done and returns the first one's error as (path, exception), or None; a checkpoint is on disk
+    for sure only after it.
     """
 
     def __init__(self) -> None:
         self._executor: Any = None
         self._pending: list[tuple[Path, Any]] = []
+        self._failed = False  # set on the writer thread; read there too, and reset by wait()
 
-    def submit(self, path: Path, fn: Callable[..., None], *args: Any) -> None:
+    def submit(self, path: Path, fn: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+        """Run `fn(*args, **kwargs)` on the writer thread after the calls before it; `path` names it in errors."""
         if self._executor is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainer-checkpoints")
-        self._pending.append((path, self._executor.submit(fn, *args)))
+        self._pending.append((path, self._executor.submit(self._run, fn, *args, **kwargs)))
+
+    def _run(self, fn: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+        if self._failed:
+            return
+        try:
+            fn(*args, **kwargs)
+        except BaseException:
+            self._failed = True
+            raise
 
     def wait(self) -> tuple[Path, Exception] | None:
         pending, self._pending = self._pending, []
@@ -115,6 +140,7 @@ class BackgroundWrites:
                 future.result()
             except (OSError, RuntimeError) as err:
                 error = error or (path, err)
+        self._failed = False  # every call has run or been skipped: the next save starts afresh
         return error
 
     def close(self) -> tuple[Path, Exception] | None:

@@ -11,7 +11,6 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -422,9 +421,9 @@ class Checkpoints:
         except (OSError, RuntimeError) as err:  # torch's zip writer reports a full disk as a RuntimeError
             return _cannot_write(last, err)
         # with best.pt, the folder's fsync comes once, after both renames
-        self.writes.submit(last, partial(commit, staged, sync_folder=not best))
+        self.writes.submit(last, commit, staged, sync_folder=not best)
         if best:  # best.pt is this same state: a second name for last.pt's new file
-            self.writes.submit(self.folder / "best.pt", partial(link_or_copy, last, self.folder / "best.pt"))
+            self.writes.submit(self.folder / "best.pt", link_or_copy, last, self.folder / "best.pt")
         return None
 
     def finish(self) -> None:
