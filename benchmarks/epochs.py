@@ -50,7 +50,9 @@ def run_loop(config) -> float:
     return bare_loop(built.model, built.loss_fn, built.optimizer, steps, built.train_batches.epoch)
 
 
-def run_trainer(config, *, checkpoints: bool) -> float:
+def run_trainer(config, *, checkpoints: bool) -> tuple[float, int]:
+    """`trainer run` of `config`, its console to /dev/null: seconds of training and the number of
+    checkpoint files it left (none with `checkpoints=False`: the saves are left out)."""
     from rich.console import Console
 
     import trainer.runs
@@ -60,8 +62,9 @@ def run_trainer(config, *, checkpoints: bool) -> float:
         trainer.runs.Checkpoints.save = lambda self, state, best=False: None
     with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as devnull:
         result = execute_run(config, root=Path(tmp), console=Console(file=devnull, force_terminal=False))
+        saved = len(list(result.run_dir.glob("checkpoints/*.pt")))
     assert result.status == "completed", result.error
-    return result.summary["train_time_s"]
+    return result.summary["train_time_s"], saved
 
 
 def child(variant: str, config_path: Path, overrides: list[str], pin: int | None) -> None:
@@ -74,11 +77,15 @@ def child(variant: str, config_path: Path, overrides: list[str], pin: int | None
         os.sched_setaffinity(0, {pin})
         torch.set_num_threads(1)
     config = load_config(config_path, overrides)
-    seconds = run_loop(config) if variant == "loop" else run_trainer(config, checkpoints=variant == "trainer")
-    print(json.dumps({"seconds": seconds}))
+    if variant == "loop":
+        seconds, saved = run_loop(config), 0
+    else:
+        seconds, saved = run_trainer(config, checkpoints=variant == "trainer")
+    print(json.dumps({"seconds": seconds, "checkpoints": saved}))
 
 
 def measure(variant: str, config: Path, overrides: list[str], pin: int | None) -> float:
+    """Seconds of training of one run of `variant`, in a process of its own."""
     pinning = ["--pin", str(pin)] if pin is not None else []
     out = subprocess.run(
         [sys.executable, __file__, "--child", variant, "--config", str(config), *pinning, *overrides],
@@ -90,6 +97,7 @@ def measure(variant: str, config: Path, overrides: list[str], pin: int | None) -
 
 
 def main() -> None:
+    """Alternate the variants over the rounds and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, as for trainer run")

@@ -61,12 +61,25 @@ def test_instructions_without_valgrind_says_so_in_one_line():
     )
 
 
-@pytest.mark.parametrize("variant", ["loop", "trainer", "no-checkpoints"])
-def test_epochs_measures_each_variant(variant):
+@pytest.mark.parametrize("variant,checkpoints", [("loop", 0), ("trainer", 2), ("no-checkpoints", 0)])
+def test_epochs_measures_each_variant(variant, checkpoints):
     config = Path(__file__).resolve().parents[1] / "configs" / "sqrt2.yaml"  # one-step epochs
     out = subprocess.run(
         [sys.executable, BENCHMARKS / "epochs.py", "--child", variant, "--config", config, "train.epochs=20"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout.strip().splitlines()[-1])["seconds"] > 0
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["seconds"] > 0 and result["checkpoints"] == checkpoints  # trainer: last.pt and best.pt
+
+
+def test_epochs_prints_its_table_with_the_overrides_applied():
+    config = Path(__file__).resolve().parents[1] / "configs" / "sqrt2.yaml"
+    out = subprocess.run(
+        [sys.executable, BENCHMARKS / "epochs.py", "--rounds", "1", "--config", config, "train.epochs=7"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "sqrt2.yaml train.epochs=7: 7 steps in 7 epochs of 1" in out.stdout
+    rows = [line.split("|")[1].strip() for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows == ["variant", "loop", "trainer", "no-checkpoints"]

@@ -158,13 +158,31 @@ def test_train_state_reads_the_history_of_earlier_checkpoints():
 
 
 def test_train_state_encodes_a_replaced_history_anew():
-    state = TrainState(history=[{"epoch": 1, "val_loss": 0.5}, {"epoch": 2, "val_loss": float("nan")}])
+    state = TrainState(history=[{"epoch": 1, "val_loss": 0.5}, {"epoch": 2, "val_loss": 0.4}])
     state.to_dict()
-    state.history = [{"epoch": 1, "val_loss": 0.25}]
+    state.history = [{"epoch": 1, "val_loss": 0.25}]  # shorter
     assert TrainState.from_dict(state.to_dict()).history == [{"epoch": 1, "val_loss": 0.25}]
-    state.history.append({"epoch": 2, "val_loss": float("inf"), "train_loss": float("nan")})  # a diverged validation
+    state.history = [{"epoch": 1, "val_loss": 0.125}, {"epoch": 2, "val_loss": 0.0625}]  # as long or longer
+    assert TrainState.from_dict(state.to_dict()).history == state.history
+    state.history[-1] = {"epoch": 2, "val_loss": 0.03125}  # the last record swapped for another
+    assert TrainState.from_dict(state.to_dict()).history == state.history
+    state.history.append({"epoch": 3, "val_loss": float("inf"), "train_loss": float("nan")})  # a diverged epoch
     last = TrainState.from_dict(state.to_dict()).history[-1]
     assert last["val_loss"] == float("inf") and math.isnan(last["train_loss"])
+
+
+def test_train_state_encodes_each_epoch_once():
+    import json
+    from unittest import mock
+
+    state = TrainState()
+    with mock.patch("trainer.engine.json.dumps", wraps=json.dumps) as dumps:
+        for epoch in range(1, 6):
+            state.history.append({"epoch": epoch})
+            state.to_dict()
+            state.to_dict()  # a second save in the same epoch (checkpoint_every) encodes nothing new
+    assert [c.args[0]["epoch"] for c in dumps.call_args_list] == [1, 2, 3, 4, 5]
+    assert TrainState.from_dict(state.to_dict()).history == [{"epoch": e} for e in range(1, 6)]
 
 
 def test_max_steps_stops_mid_epoch_and_logs_the_last_step():

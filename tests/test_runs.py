@@ -457,7 +457,7 @@ def test_resume_reads_a_checkpoint_of_format_1_and_refuses_a_newer_format(cli, t
     torch.save(again, last)
     newer = cli("run", config, "--resume", last, "train.epochs=4")
     assert newer.code == 2 and "Traceback" not in newer.output
-    assert "(format 3; it reads format 1 or 2)" in newer.stderr
+    assert "has format 3, and this version reads format 1 or 2; it was written by a newer trainer: upgrade trainer" in newer.stderr
 
 
 def test_resume_refuses_data_that_changed_on_disk(cli, tmp_path, write_config):

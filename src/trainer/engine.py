@@ -75,20 +75,25 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)  # one entry per epoch
     running: dict[str, Any] = field(default_factory=dict)  # device-side sums between log points (see Running)
     best_checkpoint: float | None = None  # the monitored metric's value when best.pt was written
-    _history_json: list[str] = field(default_factory=list, repr=False, compare=False)  # history[i] encoded, by to_dict
+    # the history's records as JSON, encoded by to_dict: the list they came from and its last one
+    _encoded: tuple[Any, Any, list[str]] | None = field(default=None, init=False, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain containers and tensors only, so a checkpoint loads with weights_only=True.
 
         The history is one JSON string, not a list of dicts: torch.save calls back into Python
-        for every pickled object, so a list made each save cost more than the one before (a run
-        of 500 one-step epochs spent half its time pickling it). Each epoch's record is encoded
-        once, at its first save; records are never changed after they are appended.
+        for every pickled object, so as a list every save pickled every epoch's record again and
+        the saves of a run took time growing with the square of its epochs. Each record is
+        encoded once, at the first save after it is appended; what a save still writes grows by
+        ~100 bytes an epoch. Records are not changed after they are appended (fit only appends);
+        a history replaced by another list is encoded anew.
         """
-        encoded = self._history_json
-        if len(encoded) > len(self.history):  # the history was replaced, not appended to
-            encoded.clear()
-        encoded.extend(json.dumps(record) for record in self.history[len(encoded) :])
+        source, last, encoded = self._encoded or (None, None, [])
+        n = len(encoded)
+        if source is not self.history or n > len(self.history) or (n and self.history[n - 1] is not last):
+            encoded, n = [], 0
+        encoded = encoded + [json.dumps(record) for record in self.history[n:]]
+        self._encoded = (self.history, self.history[-1] if self.history else None, encoded)
         return {
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "train_loss": self.train_loss, "val": dict(self.val), "best": dict(self.best),

@@ -539,16 +539,21 @@ def find_checkpoint(spec: str | Path, *, name: str, root: Path) -> tuple[Path, d
 
 
 def _trainer_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint this version of trainer wrote (any .pt that loads is not one)."""
-    from trainer.checkpoint import READABLE_FORMATS, load_checkpoint
+    """A checkpoint of a format this version of trainer reads (any .pt that loads is not one)."""
+    from trainer.checkpoint import CHECKPOINT_FORMAT, READABLE_FORMATS, load_checkpoint
 
     payload = load_checkpoint(path)
-    if not isinstance(payload, dict) or payload.get("format") not in READABLE_FORMATS or "config" not in payload:
-        found = f"format {payload['format']}" if isinstance(payload, dict) and "format" in payload else "no format number"
-        readable = " or ".join(map(str, READABLE_FORMATS))
+    found = payload.get("format") if isinstance(payload, dict) else None
+    if not isinstance(payload, dict) or found is None or "config" not in payload:
         raise UsageError(
-            f"checkpoint '{path}' is not a trainer checkpoint this version reads ({found}; it reads format {readable})"
+            f"checkpoint '{path}' is not a trainer checkpoint (no format number and config in it); "
+            "give the last.pt or best.pt of a trainer run"
         )
+    if found not in READABLE_FORMATS:
+        readable = " or ".join(map(str, READABLE_FORMATS))
+        newer = isinstance(found, int) and found > CHECKPOINT_FORMAT
+        advice = "it was written by a newer trainer: upgrade trainer to resume it" if newer else "trainer cannot resume it"
+        raise UsageError(f"checkpoint '{path}' has format {found!r}, and this version reads format {readable}; {advice}")
     return payload
 
 
