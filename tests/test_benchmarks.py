@@ -83,3 +83,13 @@ def test_epochs_prints_its_table_with_the_overrides_applied():
     assert "sqrt2.yaml train.epochs=7: 7 steps in 7 epochs of 1" in out.stdout
     rows = [line.split("|")[1].strip() for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     assert rows == ["variant", "loop", "trainer", "no-checkpoints"]
+
+
+def test_breakdown_prints_every_part():
+    out = subprocess.run(
+        [sys.executable, BENCHMARKS / "breakdown.py", "--rounds", "2", "--steps", "20"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    rows = [line.split("|")[1].strip() for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows == ["variant", "slicing", "data", "fit-one-log", "fit", "quiet-no-saves", "quiet", "trainer"]
