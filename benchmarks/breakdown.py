@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from overhead import MODELS, hand_loop, run_slicing, run_trainer, trainer_config  # noqa: E402
+from overhead import MODELS, hand_loop, run_config, run_slicing, run_trainer, trainer_config  # noqa: E402
 
 VARIANTS = ["slicing", "data", "fit-one-log", "fit", "quiet-no-saves", "quiet", "trainer"]
 
@@ -57,18 +57,6 @@ def run_data(model: str, steps: int) -> float:
     return hand_loop(model, steps, lambda x, y, epoch: batches.epoch(epoch))
 
 
-def run_without_saves(model: str, steps: int) -> float:
-    """A quiet `trainer run` whose checkpoint saves do nothing."""
-    import trainer.runs
-
-    save = trainer.runs.Checkpoints.save
-    trainer.runs.Checkpoints.save = lambda self, state, best=False: None
-    try:
-        return run_trainer(model, steps, quiet=True)
-    finally:
-        trainer.runs.Checkpoints.save = save
-
-
 def main() -> None:
     """Warm up, alternate the variants over the rounds, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -89,7 +77,7 @@ def main() -> None:
         "data": lambda: run_data(model, steps),
         "fit-one-log": lambda: run_fit(model, steps, log_every=steps),
         "fit": lambda: run_fit(model, steps),
-        "quiet-no-saves": lambda: run_without_saves(model, steps),
+        "quiet-no-saves": lambda: run_config(trainer_config(model, steps), quiet=True, saves=False)[0],
         "quiet": lambda: run_trainer(model, steps, quiet=True),
         "trainer": lambda: run_trainer(model, steps, quiet=False),
     }

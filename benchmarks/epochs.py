@@ -28,11 +28,10 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from overhead import bare_loop  # noqa: E402
+from overhead import bare_loop, run_config  # noqa: E402
 
 VARIANTS = ["loop", "trainer", "no-checkpoints"]
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "two_layer_net.yaml"
@@ -50,23 +49,6 @@ def run_loop(config) -> float:
     return bare_loop(built.model, built.loss_fn, built.optimizer, steps, built.train_batches.epoch)
 
 
-def run_trainer(config, *, checkpoints: bool) -> tuple[float, int]:
-    """`trainer run` of `config`, its console to /dev/null: seconds of training and the number of
-    checkpoint files it left (none with `checkpoints=False`: the saves are left out)."""
-    from rich.console import Console
-
-    import trainer.runs
-    from trainer.runs import execute_run
-
-    if not checkpoints:
-        trainer.runs.Checkpoints.save = lambda self, state, best=False: None
-    with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as devnull:
-        result = execute_run(config, root=Path(tmp), console=Console(file=devnull, force_terminal=False))
-        saved = len(list(result.run_dir.glob("checkpoints/*.pt")))
-    assert result.status == "completed", result.error
-    return result.summary["train_time_s"], saved
-
-
 def child(variant: str, config_path: Path, overrides: list[str], pin: int | None) -> None:
     """One measured run in this process; prints one JSON line."""
     import torch
@@ -80,7 +62,7 @@ def child(variant: str, config_path: Path, overrides: list[str], pin: int | None
     if variant == "loop":
         seconds, saved = run_loop(config), 0
     else:
-        seconds, saved = run_trainer(config, checkpoints=variant == "trainer")
+        seconds, saved = run_config(config, saves=variant == "trainer")
     print(json.dumps({"seconds": seconds, "checkpoints": saved}))
 
 

@@ -154,17 +154,31 @@ def trainer_config(model: str, steps: int):
 
 
 def run_trainer(model: str, steps: int, *, quiet: bool) -> float:
+    return run_config(trainer_config(model, steps), quiet=quiet)[0]
+
+
+def run_config(config, *, quiet: bool = False, saves: bool = True) -> tuple[float, int]:
+    """`trainer run` of `config` in a temporary folder, its console (plain) to /dev/null; `quiet`
+    turns console and TensorBoard off. Returns the seconds of training and the number of
+    checkpoint files left. `saves=False` leaves the checkpoint saves out (not a user option: it
+    shows what they cost)."""
     from rich.console import Console
 
+    import trainer.runs
     from trainer.runs import execute_run
 
-    cfg = trainer_config(model, steps)
-    with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as devnull:
-        result = execute_run(
-            cfg, root=Path(tmp), quiet=quiet, tensorboard=not quiet, console=Console(file=devnull, force_terminal=False)
-        )
+    save = trainer.runs.Checkpoints.save
+    if not saves:
+        trainer.runs.Checkpoints.save = lambda self, state, best=False: None
+    try:
+        with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as devnull:
+            console = Console(file=devnull, force_terminal=False)
+            result = execute_run(config, root=Path(tmp), quiet=quiet, tensorboard=not quiet, console=console)
+            saved = len(list(result.run_dir.glob("checkpoints/*.pt")))
+    finally:
+        trainer.runs.Checkpoints.save = save
     assert result.status == "completed", result.error
-    return result.summary["train_time_s"]
+    return result.summary["train_time_s"], saved
 
 
 def run_lightning(model: str, steps: int) -> float:

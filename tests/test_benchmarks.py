@@ -13,6 +13,11 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+def first_column(printed: str) -> list[str]:
+    """The first cell of each row of the markdown tables in `printed`, headers included."""
+    return [line.split("|")[1].strip() for line in printed.splitlines() if line.startswith("| ") and "---" not in line]
+
+
 @pytest.mark.parametrize("variant", ["slicing", "dataloader", "trainer"])  # quiet differs from trainer by one flag
 def test_overhead_measures_each_variant(variant):
     out = subprocess.run(
@@ -81,7 +86,7 @@ def test_epochs_prints_its_table_with_the_overrides_applied():
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "sqrt2.yaml train.epochs=7: 7 steps in 7 epochs of 1" in out.stdout
-    rows = [line.split("|")[1].strip() for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    rows = first_column(out.stdout)
     assert rows == ["variant", "loop", "trainer", "no-checkpoints"]
 
 
@@ -91,5 +96,5 @@ def test_breakdown_prints_every_part():
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
-    rows = [line.split("|")[1].strip() for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    rows = first_column(out.stdout)
     assert rows == ["variant", "slicing", "data", "fit-one-log", "fit", "quiet-no-saves", "quiet", "trainer"]

@@ -460,6 +460,21 @@ def test_resume_reads_a_checkpoint_of_format_1_and_refuses_a_newer_format(cli, t
     assert "has format 3, and this version reads format 1 or 2; it was written by a newer trainer: upgrade trainer" in newer.stderr
 
 
+@pytest.mark.parametrize("found", [0, "2"])
+def test_a_checkpoint_format_no_trainer_wrote_is_refused(tmp_path, found):
+    import torch
+
+    from trainer.runs import _trainer_checkpoint
+
+    path = tmp_path / "last.pt"
+    torch.save({"format": found, "config": {}}, path)
+    with pytest.raises(UsageError) as refused:
+        _trainer_checkpoint(path)
+    assert str(refused.value) == (
+        f"checkpoint '{path}' has format {found!r}, and this version reads format 1 or 2; no version of trainer wrote it"
+    )
+
+
 def test_resume_refuses_data_that_changed_on_disk(cli, tmp_path, write_config):
     table = tmp_path / "table.csv"
     rows = [f"{i},{i % 3},{2 * i}" for i in range(40)]

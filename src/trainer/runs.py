@@ -552,7 +552,7 @@ def _trainer_checkpoint(path: Path) -> dict[str, Any]:
     if found not in READABLE_FORMATS:
         readable = " or ".join(map(str, READABLE_FORMATS))
         newer = isinstance(found, int) and found > CHECKPOINT_FORMAT
-        advice = "it was written by a newer trainer: upgrade trainer to resume it" if newer else "trainer cannot resume it"
+        advice = "it was written by a newer trainer: upgrade trainer to read it" if newer else "no version of trainer wrote it"
         raise UsageError(f"checkpoint '{path}' has format {found!r}, and this version reads format {readable}; {advice}")
     return payload
 
