@@ -11,7 +11,7 @@ from torch import nn
 
 from trainer.data import TensorBatches
 from trainer.device import resolve_precision
-from trainer.engine import LoopSettings, TrainState, evaluate, fit, seed_everything, update_best
+from trainer.engine import LoopSettings, TrainState, evaluate, fit, fold_pending, seed_everything, update_best
 from trainer.errors import TrainingFailed
 
 FP32 = resolve_precision("fp32", torch.device("cpu"))
@@ -357,6 +357,21 @@ def test_host_syncs_scale_with_log_points_not_steps(monkeypatch):
     )  # fmt: skip
     # 100 steps, 4 log points; the epoch's mean adds no read, as its last step was a log point
     assert calls["item"] == 4
+
+
+def test_a_log_point_read_records_no_graph_and_leaves_grad_mode_on():
+    weight = torch.ones((), requires_grad=True)
+    running = {"pending": [weight * 2, weight * 3], "pending_first_step": 1, "window_loss": 0.0, "epoch_loss": 0.0,
+               "window_batches": 0, "epoch_batches": 0}  # fmt: skip
+    losses, first = fold_pending(running)
+    assert not losses.requires_grad and losses.tolist() == [2.0, 3.0] and first == 1
+    assert running["window_loss"] == 5.0 and running["pending"] == []
+    assert torch.is_grad_enabled()
+    # grad mode is back on even when the stack fails
+    running["pending"] = [weight * 2, torch.ones(2, requires_grad=True)]
+    with pytest.raises(RuntimeError):
+        fold_pending(running)
+    assert torch.is_grad_enabled()
 
 
 def test_update_best():
