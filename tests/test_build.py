@@ -95,6 +95,40 @@ def test_one_batch_check_passes_and_changes_nothing():
     assert torch.equal(torch.get_rng_state(), rng)
 
 
+@pytest.mark.parametrize(
+    "optimizer, says",
+    [
+        ({"name": "sparseadam"}, "SparseAdam does not support dense gradients"),
+        ({"name": "adam", "differentiable": True}, "leaf Variable"),
+        ({"name": "adam", "capturable": True}, "If capturable=True"),
+    ],
+)
+def test_optimizer_arguments_refused_only_when_stepping_fail_the_check(optimizer, says):
+    run = built(optimizer={**optimizer, "lr": 0.01})
+    with pytest.raises(UsageError) as caught:
+        check_one_batch(run)
+    assert caught.value.key == "optimizer" and says in caught.value.message
+    assert caught.value.message.startswith(f"{optimizer['name']}(") and "trainer list optimizers" in caught.value.message
+
+
+def test_the_optimizer_check_leaves_the_model_and_the_optimizer_alone():
+    run = built(optimizer={"name": "adam", "lr": 0.1})
+    before = [p.detach().clone() for p in run.model.parameters()]
+    check_one_batch(run)
+    assert all(torch.equal(a, b) for a, b in zip(before, run.model.parameters()))
+    assert not run.optimizer.state  # no moments, no step count: the run's first step is its first
+
+
+def test_an_optimizer_that_cannot_step_is_refused_before_a_run_folder_exists(cli, write_config, tmp_path):
+    result = cli("run", write_config(tiny_config(optimizer={"name": "sparseadam", "lr": 0.01})))
+    assert result.code == 2, result.output
+    assert result.stderr.strip().splitlines() == [
+        "error: optimizer: sparseadam(lr=0.01) cannot update model 'mlp': SparseAdam does not support dense gradients, "
+        "please consider Adam instead; change its arguments or choose another optimizer (trainer list optimizers)"
+    ]
+    assert not (tmp_path / "runs").exists()
+
+
 def test_one_batch_check_leaves_batchnorm_statistics_alone():
     import dataclasses
 

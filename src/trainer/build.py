@@ -244,6 +244,7 @@ def check_one_batch(built: Built) -> None:
         for warning in caught:
             if "target size" in str(warning.message):
                 raise RuntimeError(str(warning.message).split(". ")[0])
+        check_optimizer_step(built)  # raises UsageError, which the except below lets through
     except (RuntimeError, ValueError, IndexError, TypeError) as err:
         raise UsageError(_mismatch_message(built, err, inputs, targets, outputs)) from None
     finally:
@@ -258,6 +259,39 @@ def check_one_batch(built: Built) -> None:
         raise _compile_failed(built, err) from None
     finally:
         undo()
+
+
+def check_optimizer_step(built: Built) -> None:
+    """One step of a new optimizer built from the same config, on copies of one parameter of each
+    shape rank per group, with the gradients the check's batch left: arguments torch refuses only
+    when stepping (sparseadam on dense gradients, capturable or differentiable on a CPU model) fail
+    here, before a run folder exists. The model and the run's optimizer are not touched."""
+    optimizer = built.optimizer
+    groups = []
+    for group in optimizer.param_groups:
+        smallest: dict[int, torch.Tensor] = {}
+        for param in group["params"]:
+            if param.grad is not None and (param.dim() not in smallest or param.numel() < smallest[param.dim()].numel()):
+                smallest[param.dim()] = param
+        copies = []
+        for param in smallest.values():
+            copy = param.detach().clone().requires_grad_(True)
+            copy.grad = param.grad.detach().clone()
+            copies.append(copy)
+        if copies:
+            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": copies})
+    if not groups:
+        return
+    try:
+        OPTIMIZERS.build(built.config.optimizer.name, groups, **built.config.optimizer.kwargs).step()
+    except (RuntimeError, ValueError, TypeError, AssertionError) as err:
+        given = built.config.optimizer.model_dump()
+        call = f"{given.pop('name')}({', '.join(f'{k}={v!r}' for k, v in given.items())})"
+        raise UsageError(
+            f"{call} cannot update model '{built.config.model.name}': {first_line(err).rstrip('.')}; "
+            "change its arguments or choose another optimizer (trainer list optimizers)",
+            key="optimizer",
+        ) from None
 
 
 def _dtype(t: torch.Tensor) -> str:
