@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -561,6 +562,68 @@ def test_csv_bad_task(tmp_path):
     assert err.value.key == "data.task"
 
 
+def test_csv_with_a_byte_order_mark(tmp_path):
+    # Excel's "CSV UTF-8" starts the file with a byte-order mark
+    path = tmp_path / "excel.csv"
+    path.write_bytes(b"\xef\xbb\xbfa,b,label\n1,2,0\n3,4,1\n")
+    train, _, info = build("csv", {"path": str(path), "target": "a", "standardize": False}, val_fraction=0, shuffle=False)
+    assert train.y.flatten().tolist() == [1.0, 3.0] and info.input_shape == (2,)
+    with pytest.raises(DataError) as err:
+        build("csv", {"path": str(path), "target": "c"}, val_fraction=0)
+    assert "it has: a, b, label" in str(err.value)
+
+
+def test_csv_that_is_not_utf8_says_so(tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("caf\u00e9,y\n1,2\n".encode("latin-1"))
+    with pytest.raises(DataError) as err:
+        build("csv", {"path": str(path), "target": "y"}, val_fraction=0)
+    assert err.value.key == "data.path"
+    assert "latin1.csv" in str(err.value) and "not UTF-8" in str(err.value) and "save it as UTF-8" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("cell", "problem"),
+    [
+        ("nan", "'nan' is not a finite number; fill in or drop the missing values"),
+        ("NaN", "'NaN' is not a finite number; fill in or drop the missing values"),
+        ("inf", "'inf' is not a finite number; replace or drop the infinite values"),
+        ("-Infinity", "'-Infinity' is not a finite number; replace or drop the infinite values"),
+        ("1e39", "'1e39' is too large: data is float32"),
+        ("", "the cell is empty; fill in or drop the missing values"),
+        ("  ", "the cell is empty; fill in or drop the missing values"),
+    ],
+)
+@pytest.mark.parametrize("column", ["b", "y"])  # a feature, the regression target
+def test_csv_missing_and_non_finite_cells_are_refused(tmp_path, cell, problem, column):
+    rows = {"b": f"1,2,3\n4,{cell},6\n7,8,9\n", "y": f"1,2,3\n4,5,{cell}\n7,8,9\n"}[column]
+    path = write_csv(tmp_path / "t.csv", "a,b,y\n" + rows)
+    with pytest.raises(DataError) as err:
+        build("csv", {"path": str(path), "target": "y"}, val_fraction=0)
+    assert err.value.key == "data.path"
+    assert str(err.value).startswith(f"data.path: {path} line 3, column '{column}': {problem}")
+
+
+@pytest.mark.parametrize("label", ["", "nan"])
+def test_csv_classification_refuses_missing_labels(tmp_path, label):
+    path = write_csv(tmp_path / "c.csv", f"f,label\n1,cat\n2,{label}\n3,dog\n")
+    with pytest.raises(DataError, match=r"line 3, column 'label': .*fill in or drop the missing values") as err:
+        build("csv", {"path": str(path), "target": "label", "task": "classification"}, val_fraction=0)
+    assert err.value.key == "data.path"
+
+
+def test_run_on_a_csv_with_nan_is_bad_input_not_a_failed_run(tmp_path, cli, write_config, tiny):
+    # before: the run started and failed with "the training loss is not finite ... try a lower optimizer.lr"
+    write_csv(tmp_path / "t.csv", "a,b,y\n" + "\n".join(f"{i},{'nan' if i == 5 else i % 3},{i}" for i in range(12)))
+    config = write_config(tiny(data={"name": "csv", "path": "t.csv", "target": "y", "batch_size": 4}))
+    result = cli("run", config)
+    assert result.code == 2, result.output
+    assert result.stderr.strip() == (
+        "error: data.path: t.csv line 7, column 'b': 'nan' is not a finite number; fill in or drop the missing values"
+    )
+    assert not (tmp_path / "runs").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # image_folder
 
@@ -597,6 +660,72 @@ def test_image_folder_without_images(tmp_path, with_class_folder):
     with pytest.raises(DataError, match="holds no images") as err:
         build("image_folder", {"root": str(tmp_path)})
     assert err.value.key == "data.root"
+
+
+def corrupt_image(root, name="zz.png", folder="dog"):
+    """An image folder with one file that has an image's name and not an image's content."""
+    make_image_folder(root, per_class=4)
+    (root / folder / name).write_text("not a png")
+    return root / folder / name
+
+
+def read_all_images(root, num_workers):
+    """Iterate a whole epoch of image folder `root`; the DataError's text, or None."""
+    splits = DATASETS.get("image_folder").factory(root=str(root), image_size=8)
+    batches = LoaderBatches(splits.train, 3, False, seed=0, num_workers=num_workers)
+    try:
+        all_batches(batches)
+    except DataError as err:
+        assert err.key == "data.root"
+        return str(err)
+    return None
+
+
+def test_image_folder_corrupt_image_is_one_line_naming_the_file(tmp_path):
+    bad = corrupt_image(tmp_path / "img")
+    expected = f"data.root: cannot read image '{bad}' (cannot identify image file); remove or replace it"
+    assert read_all_images(tmp_path / "img", num_workers=0) == expected
+    # read by a worker process, whose exception torch re-raises with the worker's traceback in its
+    # message. In a subprocess: after a worker's exception torch takes 5 s per worker to shut the
+    # workers down in a live process, and skips that at exit
+    code = "import sys, test_data; print(test_data.read_all_images(sys.argv[1], num_workers=2))"
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "img")],
+        capture_output=True, text=True, cwd=Path(__file__).parent, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected
+
+
+def test_image_folder_truncated_image(tmp_path):
+    from PIL import Image
+
+    root = make_image_folder(tmp_path / "img")
+    whole = tmp_path / "whole.png"
+    Image.effect_noise((64, 64), 50).save(whole)
+    (root / "cat" / "0.png").write_bytes(whole.read_bytes()[:400])  # sorts first: build_data reads it for the shapes
+    with pytest.raises(DataError, match=r"cannot read image '.*0\.png' \(.*truncated.*\); remove or replace it"):
+        build("image_folder", {"root": str(root)}, val_fraction=0)
+
+
+def test_run_with_a_corrupt_image_fails_in_one_line(tmp_path, cli, write_config, tiny):
+    corrupt_image(tmp_path / "img")  # the last file: read mid-run, after the one-batch check
+    data = {"name": "image_folder", "root": "img", "image_size": 8, "batch_size": 3, "val_fraction": 0, "shuffle": False}
+    config = write_config(tiny(data=data, loss={"name": "cross_entropy"}))
+    expected = "error: data.root: cannot read image 'img/dog/zz.png' (cannot identify image file); remove or replace it"
+
+    # found while training: a failed run (exit 1) that records why, not "internal error ... Original Traceback"
+    result = cli("run", config)
+    assert result.code == 1, result.output
+    assert result.stderr.strip() == expected
+    run_dir = Path(result.stdout.strip().splitlines()[-1])
+    summary = json.loads((tmp_path / run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"] == expected.removeprefix("error: ")
+
+    corrupt_image(tmp_path / "first", name="0.png", folder="cat")  # the first file: in validate's batch
+    result = cli("validate", config, "data.root=first")
+    assert result.code == 2, result.output
+    assert result.stderr.strip() == expected.replace("img/dog/zz.png", "first/cat/0.png")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from trainer.errors import DataError
+from trainer.errors import DataError, first_line
 from trainer.registry import Registry, RegistryError, close_match
 
 DATASETS = Registry("dataset", entry_point_group="trainer.datasets")
@@ -592,6 +592,8 @@ def csv(
     values = [row[t] for _, row in rows]
     num_classes = None
     if task == "classification":
+        for line, row in rows:  # an empty or NaN label would silently become a class of its own
+            _missing(row[t], path, target, line)
         classes = sorted(set(values), key=_label_sort_key(values))
         num_classes = len(classes)
         index = {value: i for i, value in enumerate(classes)}
@@ -610,13 +612,21 @@ def csv(
 def _read_csv(path: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """The header and the non-blank rows (with their line numbers) of a CSV file."""
     try:
-        with open(os.path.expanduser(path), newline="") as f:
+        # utf-8-sig: Excel's "CSV UTF-8" starts the file with a byte-order mark, which would
+        # otherwise stick to the first column's name
+        with open(os.path.expanduser(path), newline="", encoding="utf-8-sig") as f:
             reader = csv_module.reader(f)
             header = [name.strip() for name in next(reader, [])]
             rows = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
     except FileNotFoundError:
         raise DataError(f"no such file: {path}", key="data.path") from None
-    except (OSError, UnicodeDecodeError, csv_module.Error) as err:
+    except UnicodeDecodeError as err:
+        byte = err.object[err.start : err.start + 1].hex()
+        raise DataError(
+            f"cannot read {path}: it is not UTF-8 text (it has byte 0x{byte}); save it as UTF-8 (Excel: 'CSV UTF-8')",
+            key="data.path",
+        ) from None
+    except (OSError, csv_module.Error) as err:
         raise DataError(f"cannot read {path}: {err}", key="data.path") from None
     if not header:
         raise DataError(f"{path} is empty; it needs a header row naming the columns", key="data.path")
@@ -630,13 +640,40 @@ def _read_csv(path: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
     return header, rows
 
 
-def _number(text: str, path: str, column: str, line: int) -> float:
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _cell_error(path: str, column: str, line: int, problem: str) -> DataError:
+    return DataError(f"{path} line {line}, column '{column}': {problem}", key="data.path")
+
+
+def _missing(text: str, path: str, column: str, line: int) -> None:
+    """Refuse an empty cell, or one float() reads as NaN ('nan', 'NaN', ...): a missing value."""
+    if not text.strip():
+        raise _cell_error(path, column, line, "the cell is empty; fill in or drop the missing values")
     try:
-        return float(text)
+        missing = math.isnan(float(text))
     except ValueError:
-        raise DataError(
-            f"{path} line {line}, column '{column}': expected a number, got {text!r}", key="data.path"
-        ) from None
+        return
+    if missing:
+        raise _cell_error(path, column, line, f"{text!r} is not a finite number; fill in or drop the missing values")
+
+
+def _number(text: str, path: str, column: str, line: int) -> float:
+    """The cell as a number that float32 holds: empty, NaN, infinite and out-of-range cells are refused,
+    since they would only surface later as a non-finite training loss."""
+    _missing(text, path, column, line)
+    try:
+        value = float(text)
+    except ValueError:
+        raise _cell_error(path, column, line, f"expected a number, got {text!r}") from None
+    if math.isinf(value) and "inf" in text.lower():
+        raise _cell_error(path, column, line, f"{text!r} is not a finite number; replace or drop the infinite values")
+    if abs(value) > _FLOAT32_MAX:
+        raise _cell_error(
+            path, column, line, f"{text!r} is too large: data is float32, which holds at most {_FLOAT32_MAX:.4g}"
+        )
+    return value
 
 
 def _label_sort_key(values: list[str]) -> Any:
@@ -647,6 +684,41 @@ def _label_sort_key(values: list[str]) -> Any:
     except ValueError:
         return str
     return float
+
+
+class ImageReadError(DataError):
+    """An image file PIL cannot read (corrupt, truncated, not an image), named with data.root.
+
+    `_load_image` raises it, often inside a DataLoader worker. torch re-raises a worker's exception
+    in the main process as `ImageReadError("Caught ImageReadError in DataLoader worker process 0.
+    Original Traceback ...")`; the constructor keeps only the original message (the traceback's
+    last line, without the key), so the error reads the same with and without workers.
+    """
+
+    def __init__(self, message: str, key: str | None = "data.root") -> None:
+        if message.startswith("Caught ") and "\nOriginal Traceback" in message:
+            last = message.rstrip().splitlines()[-1]  # "trainer.data.ImageReadError: data.root: <message>"
+            message = last.split(f"{type(self).__name__}: ", 1)[-1]
+            if key and message.startswith(f"{key}: "):
+                message = message[len(key) + 2 :]
+        super().__init__(message, key=key)
+
+
+def _load_image(path: str) -> Any:
+    """ImageFolder's loader: torchvision's, with an unreadable file raised as ImageReadError naming it.
+
+    Module-level, so DataLoader workers can unpickle it.
+    """
+    from PIL import Image, UnidentifiedImageError
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except UnidentifiedImageError:  # its message repeats the path, or names a file object
+        reason = "cannot identify image file"
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # truncated, broken chunks, ...
+        reason = first_line(err)
+    raise ImageReadError(f"cannot read image {path!r} ({reason}); remove or replace it")
 
 
 @DATASETS.register("image_folder")
@@ -662,7 +734,7 @@ def image_folder(root: str, image_size: int | None = None, grayscale: bool | Non
         raise DataError(f"must be at least 1, got {size}", key="data.image_size")
     transform = T.Compose([T.Resize((size, size))] + ([T.Grayscale(1)] if grayscale else []) + [T.ToTensor()])
     try:
-        dataset = torchvision.datasets.ImageFolder(os.path.expanduser(root), transform=transform)
+        dataset = torchvision.datasets.ImageFolder(os.path.expanduser(root), transform=transform, loader=_load_image)
     except FileNotFoundError as err:  # no class folders, or class folders without images
         raise DataError(
             f"{root} holds no images: it needs one sub-folder per class with image files "
