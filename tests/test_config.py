@@ -244,3 +244,155 @@ def test_fused_on_an_optimizer_without_it_names_those_with_it(tmp_path):
 def test_fused_with_foreach_is_refused_in_torch_words(tmp_path):
     with pytest.raises(ConfigError, match=r"line 5, optimizer: adamw\(\) refused .*`fused` and `foreach` cannot be `True` together"):
         load_config(write(tmp_path, GOOD.replace("{name: sgd, lr: 0.05, momentum: 0.9}", "{name: adamw, fused: true, foreach: true}")))
+
+
+# ---------------------------------------------------------------------------------------------
+# keys given twice, booleans and non-finite numbers, and where override problems are located
+
+
+def test_a_key_given_twice_is_a_problem_with_both_lines_among_the_others(tmp_path):
+    text = (
+        "name: twice\n"
+        "model: {name: lenet}\n"
+        "data: {name: digits, batch_size: 32, batch_size: 16}\n"
+        "loss: {name: cross_entropy}\n"
+        "optimizer: {name: adamw8}\n"
+        "model: {name: mlp}\n"
+        "train:\n"
+        "  epochs: 1\n"
+        "  epochs: 2\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    assert str(caught.value).splitlines() == [
+        f"{tmp_path / 'c.yaml'} is not valid (4 problems):",
+        "  line 3, data.batch_size: given twice (first on line 3); keep one",
+        "  line 5, optimizer.name: unknown optimizer 'adamw8'; did you mean 'adamw'? (trainer list optimizers)",
+        "  line 6, model: given twice (first on line 2); keep one",
+        "  line 9, train.epochs: given twice (first on line 8); keep one",
+    ]
+
+
+def test_a_key_given_three_times_is_one_problem(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, GOOD + "seed: 1\nseed: 2\nseed: 3\n"))
+    assert [str(p) for p in caught.value.problems] == ["line 8, seed: given 3 times (also on lines 6, 7); keep one"]
+
+
+def test_merge_keys_and_keys_of_different_types_are_not_duplicates(tmp_path):
+    text = GOOD.replace("optimizer: {name: sgd, lr: 0.05, momentum: 0.9}", "optimizer: &opt {name: sgd, lr: 0.05, momentum: 0.9}")
+    text += "x-base: {<<: *opt, lr: 0.1, 1: a, '1': b}\n"  # `lr` replaces the merged one: YAML's own override
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    assert [p.key for p in caught.value.problems] == ["x-base"]  # only: an unknown top-level key
+
+
+def test_duplicate_keys_exit_2_through_the_command_line(cli, write_config):
+    config = write_config(GOOD + "model: {name: mlp}\n")
+    result = cli("validate", config)
+    assert result.code == 2, result.output
+    assert "line 6, model: given twice (first on line 2); keep one" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_an_alias_that_contains_itself_is_a_problem_not_a_crash(tmp_path):
+    with pytest.raises(ConfigError, match=r"line 7, x.self: contains itself through a YAML alias"):
+        load_config(write(tmp_path, GOOD + "x: &x\n  self: *x\n"))
+
+
+@pytest.mark.parametrize(
+    ("item", "key", "expected"),
+    [
+        ("train.epochs=true", "train.epochs", "input should be a valid integer; got True"),
+        ("data.batch_size=true", "data.batch_size", "input should be a valid integer; got True"),
+        ("seed=false", "seed", "input should be a valid integer; got False"),
+        ("train.checkpoint_every=true", "train.checkpoint_every", "input should be a valid integer; got True"),
+        ("train.grad_clip=true", "train.grad_clip", "input should be a valid number; got True"),
+        ("data.val_fraction=false", "data.val_fraction", "input should be a valid number; got False"),
+    ],
+)
+def test_booleans_are_not_numbers(tmp_path, item, key, expected):
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, GOOD), [item])
+    assert [str(p) for p in caught.value.problems] == [f"override '{item}', {key}: {expected}"]
+
+
+def test_numbers_written_as_strings_still_load(tmp_path):
+    overrides = ["train.epochs='3'", "train.grad_clip=1e-3", "data.val_fraction='0.5'", "optimizer.lr=3e-4", "seed=2.0"]
+    config = load_config(write(tmp_path, GOOD), overrides)
+    assert config.train.epochs == 3 and config.train.grad_clip == pytest.approx(1e-3) and config.seed == 2
+    assert config.data.val_fraction == 0.5 and config.optimizer.kwargs["lr"] == pytest.approx(3e-4)
+
+
+@pytest.mark.parametrize(
+    ("item", "expected"),
+    [
+        ("optimizer.lr=.nan", "optimizer.lr: sgd() argument 'lr' must be a finite number, got nan"),
+        ("optimizer.lr=.inf", "optimizer.lr: sgd() argument 'lr' must be a finite number, got inf"),
+        ("optimizer.momentum=-.inf", "optimizer.momentum: sgd() argument 'momentum' must be a finite number, got -inf"),
+        ("optimizer.lr=1e400", "optimizer.lr: sgd() argument 'lr' must be a finite number, got '1e400'"),
+        ("train.grad_clip=.inf", "train.grad_clip: input should be a finite number; got inf"),
+        ("data.val_fraction=.nan", "data.val_fraction: input should be a finite number; got nan"),
+    ],
+)
+def test_non_finite_numbers_are_refused(tmp_path, item, expected):
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, GOOD), [item])
+    assert [str(p) for p in caught.value.problems] == [f"override '{item}', {expected}"]
+
+
+def test_non_finite_number_in_the_file_has_its_line(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, GOOD.replace("lr: 0.05", "lr: .nan")))
+    assert [str(p) for p in caught.value.problems] == ["line 5, optimizer.lr: sgd() argument 'lr' must be a finite number, got nan"]
+
+
+def test_booleans_and_nan_exit_2_through_the_command_line(cli):
+    result = cli("validate", CONFIGS / "lenet.yaml", "optimizer.lr=.nan", "train.epochs=true")
+    assert result.code == 2, result.output
+    assert "override 'optimizer.lr=.nan', optimizer.lr: sgd() argument 'lr' must be a finite number, got nan" in result.stderr
+    assert "override 'train.epochs=true', train.epochs: input should be a valid integer; got True" in result.stderr
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("item", "expected"),
+    [
+        ("model.foo.bar=3", "model.foo: lenet() has no argument 'foo'"),
+        ("data.foo.bar=1", "data.foo: digits() has no argument 'foo'"),
+        ("train.foo.bar=1", "train.foo: unknown key 'foo'"),
+    ],
+)
+def test_a_nested_override_under_an_unknown_key_names_the_override(tmp_path, item, expected):
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, GOOD + "train: {epochs: 1}\n"), [item])
+    assert [str(p).split(";")[0] for p in caught.value.problems] == [f"override '{item}', {expected}"]
+
+
+def test_a_constructor_refusal_names_the_override_that_caused_it(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        load_config(CONFIGS / "mlp.yaml", ["model.hidden=-5"])
+    assert str(caught.value.problems[0]).startswith("override 'model.hidden=-5', model.hidden: mlp() refused hidden=-5: ")
+    with pytest.raises(ConfigError) as caught:  # each alone is fine: both are named
+        load_config(write(tmp_path, GOOD), ["optimizer.name=adamw", "~optimizer.momentum", "optimizer.fused=true", "optimizer.foreach=true"])
+    assert [str(p).split(": adamw()")[0] for p in caught.value.problems] == [
+        "overrides 'optimizer.fused=true', 'optimizer.foreach=true', optimizer"
+    ]
+
+
+def test_a_constructor_refusal_from_the_file_keeps_its_line_despite_other_overrides(tmp_path):
+    text = GOOD.replace("{name: sgd, lr: 0.05, momentum: 0.9}", "{name: adamw, fused: true, foreach: true}")
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text), ["optimizer.lr=0.1"])
+    assert [str(p).split(": adamw()")[0] for p in caught.value.problems] == ["line 5, optimizer"]
+    with pytest.raises(ConfigError) as caught:  # one override that alone causes it: only that one is named
+        load_config(write(tmp_path, text.replace("foreach: true", "foreach: false")), ["optimizer.lr=0.1", "optimizer.foreach=true"])
+    assert [str(p).split(": adamw()")[0] for p in caught.value.problems] == ["override 'optimizer.foreach=true', optimizer.foreach"]
+
+
+def test_the_remove_hint_is_only_for_arguments_the_new_component_does_not_take(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, GOOD), ["optimizer.name=adam", "optimizer.betas=[.nan, 0.9]"])
+    report = {p.key: str(p) for p in caught.value.problems}
+    assert report["optimizer.momentum"].endswith("; remove it with ~optimizer.momentum")
+    assert report["optimizer.betas"].endswith("adam() argument 'betas' must be a finite number, got nan")

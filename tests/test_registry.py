@@ -236,6 +236,40 @@ def test_float_or_tensor_union_as_torch_annotates_lr():
     assert problems == [("lr", "opt() argument 'lr' expects a number, got 'fast'")]
 
 
+@pytest.mark.parametrize(
+    ("key", "given", "shown"),
+    [
+        ("lr", float("nan"), "nan"),  # `.nan` in YAML
+        ("lr", float("inf"), "inf"),
+        ("lr", float("-inf"), "-inf"),
+        ("lr", "nan", "'nan'"),  # a string PyYAML leaves for float() to read
+        ("lr", "1e400", "'1e400'"),  # no dot: a string to PyYAML, and inf to float()
+        ("betas", [0.9, float("inf")], "inf"),
+    ],
+)
+def test_non_finite_numbers_are_refused_for_float_arguments(reg, key, given, shown):
+    coerced, problems = reg.check_kwargs("adamw", {key: given})
+    assert key not in coerced
+    assert problems == [(key, f"adamw() argument '{key}' must be a finite number, got {shown}")]
+
+
+def test_non_finite_numbers_are_refused_through_unions_and_defaults():
+    reg = Registry("optimizer")
+
+    @reg.register("opt")
+    def opt(lr: Union[float, torch.Tensor] = 1e-3, clip: float | None = None, gamma=0.5):
+        return lr
+
+    _, problems = reg.check_kwargs("opt", {"lr": float("nan"), "clip": float("inf"), "gamma": "-inf"})
+    assert problems == [
+        ("lr", "opt() argument 'lr' must be a finite number, got nan"),  # not "expects a number"
+        ("clip", "opt() argument 'clip' must be a finite number, got inf"),
+        ("gamma", "opt() argument 'gamma' must be a finite number, got '-inf'"),
+    ]
+    with pytest.raises(RegistryError, match="must be a finite number, got nan"):
+        reg.build("opt", lr=float("nan"))
+
+
 def test_unannotated_parameter_is_coerced_from_its_default():
     reg = Registry("thing")
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from trainer.errors import UsageError
 from trainer.registry import Registry, close_match
@@ -22,10 +23,29 @@ from trainer.registry import Registry, close_match
 # the schema: every default, with its unit or accepted values
 
 
+def _refuse_bool(error_type: str, message: str) -> BeforeValidator:
+    """pydantic's lax mode reads `true` as 1 for an int or float field; YAML users mean a switch, so refuse it
+    with pydantic's own message for a value that is not a number ("3" and "3e-4" stay accepted)."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, bool):
+            raise PydanticCustomError(error_type, message)
+        return value
+
+    return BeforeValidator(check)
+
+
+Int = Annotated[int, _refuse_bool("int_type", "Input should be a valid integer")]
+Float = Annotated[float, _refuse_bool("float_type", "Input should be a valid number")]
+# the whole optional is checked before the union, so `true` gets one message, not one per member
+OptionalInt = Annotated[int | None, _refuse_bool("int_type", "Input should be a valid integer")]
+OptionalFloat = Annotated[float | None, _refuse_bool("float_type", "Input should be a valid number")]
+
+
 class Component(BaseModel):
     """`{name: ..., <keyword arguments of its constructor>}`; the arguments are checked against the registry."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     name: str  # a registered name: `trainer list <kind>`
 
@@ -42,8 +62,8 @@ class ModelConfig(Component):
 class DataConfig(Component):
     """The dataset, with the keys every dataset takes."""
 
-    batch_size: int = Field(64, gt=0)  # samples per optimizer step
-    val_fraction: float = Field(0.2, ge=0, lt=1)  # share held out for validation (datasets without a split); 0: none
+    batch_size: Int = Field(64, gt=0)  # samples per optimizer step
+    val_fraction: Float = Field(0.2, ge=0, lt=1)  # share held out for validation (datasets without a split); 0: none
     shuffle: bool = True  # reshuffle the training data every epoch (seeded)
 
 
@@ -68,13 +88,13 @@ COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 class TrainConfig(BaseModel):
     """The training budget and loop settings."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    epochs: int | None = Field(None, gt=0)  # passes over the training data; 10 when neither this nor max_steps is set
-    max_steps: int | None = Field(None, gt=0)  # optimizer steps; the run stops at whichever limit comes first
-    log_every: int = Field(10, gt=0)  # optimizer steps between train-loss points (console, TensorBoard, metrics.jsonl)
-    grad_clip: float | None = Field(None, gt=0)  # max L2 norm of all gradients; null: no clipping
-    checkpoint_every: int | None = Field(None, gt=0)  # optimizer steps between saves of last.pt (also at every epoch end)
+    epochs: OptionalInt = Field(None, gt=0)  # passes over the training data; 10 when neither this nor max_steps is set
+    max_steps: OptionalInt = Field(None, gt=0)  # optimizer steps; the run stops at whichever limit comes first
+    log_every: Int = Field(10, gt=0)  # optimizer steps between train-loss points (console, TensorBoard, metrics.jsonl)
+    grad_clip: OptionalFloat = Field(None, gt=0)  # max L2 norm of all gradients; null: no clipping
+    checkpoint_every: OptionalInt = Field(None, gt=0)  # optimizer steps between saves of last.pt (also at every epoch end)
     monitor: Literal["val_loss", "val_accuracy", "train_loss"] | None = None  # best.pt's metric; null: val_loss, or train_loss without validation
     mode: Literal["min", "max"] | None = None  # best is the min or max of `monitor`; null: max for accuracy, else min
     compile: bool | CompileMode = False  # torch.compile the model: false | true | default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
@@ -98,10 +118,10 @@ DEFAULT_EPOCHS = 10
 class Config(BaseModel):
     """A whole run."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str = Field("run", min_length=1)  # run name: the run folder is runs/<name>/<timestamp>; default: the file's stem
-    seed: int = Field(0, ge=0, lt=2**63)  # seeds python, numpy and torch, the data split and the data order
+    seed: Int = Field(0, ge=0, lt=2**63)  # seeds python, numpy and torch, the data split and the data order
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: autocast; fp16 adds a GradScaler (CUDA only)
     model: ModelConfig
@@ -185,11 +205,13 @@ class Problem:
     message: str
     line: int | None = None  # 1-based line in the file
     override: str | None = None  # the KEY=VALUE item it came from
+    also: tuple[str, ...] = ()  # further override items it came from (fused=true with foreach=true)
 
     def location(self) -> str:
         parts = []
         if self.override is not None:
-            parts.append(f"override '{self.override}'")
+            items = [self.override, *self.also]
+            parts.append(("overrides " if self.also else "override ") + ", ".join(f"'{item}'" for item in items))
         elif self.line is not None:
             parts.append(f"line {self.line}")
         if self.key:
@@ -222,22 +244,68 @@ class ConfigError(UsageError):
 # YAML with line numbers
 
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"  # `<<: *base`: keys after it replace the merged ones, by design
+
+
 class _LineMap:
-    """Dotted key -> 1-based line of that key in the file."""
+    """Dotted key -> 1-based line of that key in the file; and keys the file gives twice."""
 
     def __init__(self) -> None:
         self.lines: dict[str, int] = {}
         self.origin: dict[str, str] = {}  # dotted key -> override item that set it
+        self.problems: list[Problem] = []  # keys given more than once in one mapping
+        self._seen: set[int] = set()  # mappings already checked (an alias repeats its anchor's node)
+        self._open: set[int] = set()  # nodes on the current path: `a: &x {b: *x}` contains itself
+        self.cyclic = False  # such a self-containing value was found; nothing further can be checked
+        self._keys = yaml.SafeLoader("")  # constructs scalar keys, so `1` and `"1"` stay different keys
 
     def add_node(self, node: yaml.Node, prefix: str = "") -> None:
+        if id(node) in self._open:
+            self.cyclic = True
+            self.problems.append(Problem(prefix, "contains itself through a YAML alias; a config cannot be recursive", self.lines.get(prefix)))
+            return
+        self._open.add(id(node))
         if isinstance(node, yaml.MappingNode):
+            self._duplicates(node, prefix)
             for key_node, value_node in node.value:
                 key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
-                self.lines[key] = key_node.start_mark.line + 1
+                self.lines[key] = key_node.start_mark.line + 1  # the last one wins, as in the loaded data
                 self.add_node(value_node, key)
+        elif isinstance(node, yaml.SequenceNode):  # mappings inside lists: only for keys given twice
+            for i, item in enumerate(node.value):
+                self.add_node(item, f"{prefix}[{i}]")
+        self._open.discard(id(node))
+
+    def _duplicates(self, node: yaml.MappingNode, prefix: str) -> None:
+        """One problem per key that `node` gives more than once (PyYAML keeps the last, silently)."""
+        if id(node) in self._seen:
+            return
+        self._seen.add(id(node))
+        found: dict[Any, list[tuple[str, int]]] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == _MERGE_TAG:
+                continue
+            try:
+                key = self._keys.construct_object(key_node, deep=True)
+                hash(key)
+            except Exception:  # an unusual key: compare it as written
+                key = (key_node.tag, str(key_node.value))
+            found.setdefault(key, []).append((str(key_node.value), key_node.start_mark.line + 1))
+        for places in found.values():
+            if len(places) < 2:
+                continue
+            written, line = places[-1]
+            dotted = f"{prefix}.{written}" if prefix else written
+            earlier = [str(n) for _, n in places[:-1]]
+            if len(places) == 2:
+                message = f"given twice (first on line {earlier[0]}); keep one"
+            else:
+                message = f"given {len(places)} times (also on lines {', '.join(earlier)}); keep one"
+            self.problems.append(Problem(dotted, message, line))
 
     def where(self, key: str) -> tuple[int | None, str | None]:
-        """The line of `key`, or of its closest parent that is in the file; or the override that set it."""
+        """The line of `key`, or of its closest parent that is in the file; or the override that set it
+        or created it (`model.foo.bar=3` made `model.foo`, which the file does not have)."""
         parts = key.split(".") if key else []
         while parts:
             dotted = ".".join(parts)
@@ -245,11 +313,10 @@ class _LineMap:
                 return None, self.origin[dotted]
             if dotted in self.lines:
                 return self.lines[dotted], None
+            created = [item for k, item in self.origin.items() if k.startswith(dotted + ".")]
+            if created:
+                return None, created[0]
             parts.pop()
-        # an override that created this section by setting a key inside it (seed.x=1 made `seed` a mapping)
-        for dotted, item in self.origin.items():
-            if key and dotted.startswith(key + "."):
-                return None, item
         return None, None
 
 
@@ -278,6 +345,8 @@ def _parse_yaml(text: str, source: str) -> tuple[Any, _LineMap]:
         raise ConfigError(source, [Problem("", f"YAML does not load: {err}")]) from None
     if node is not None:
         lines.add_node(node)
+    if lines.cyclic:
+        raise ConfigError(source, lines.problems)
     return data, lines
 
 
@@ -378,10 +447,12 @@ def config_from_dict(
 ) -> Config:
     """Check a config given as a dict (after YAML loading); raise ConfigError listing every problem."""
     lines = lines or _LineMap()
+    original = _copy(data)  # as the file has it: a constructor's refusal is pinned on the overrides that caused it
     data = _copy(data)
-    problems = apply_overrides(data, overrides or [], lines)
+    problems = list(lines.problems)  # keys the file gives twice
+    problems += apply_overrides(data, overrides or [], lines)
     problems += _schema_problems(data)
-    problems += _component_problems(data, renamed={k.split(".")[0] for k in lines.origin if k.endswith(".name")})
+    problems += _component_problems(data, origin=lines.origin, original=original)
     for problem in problems:
         if problem.override is None and problem.line is None:
             problem.line, problem.override = lines.where(problem.key)
@@ -449,11 +520,17 @@ def _problem_from_pydantic(error: dict[str, Any], data: dict[str, Any]) -> Probl
     return Problem(key, f"{message}; got {error.get('input')!r}")
 
 
-def _component_problems(data: dict[str, Any], renamed: set[str] = frozenset()) -> list[Problem]:
-    """Unknown component names, and constructor arguments a component does not take or lacks.
+def _component_problems(
+    data: dict[str, Any], origin: dict[str, str] | None = None, original: dict[str, Any] | None = None
+) -> list[Problem]:
+    """Unknown component names, and constructor arguments a component does not take, lacks, or that its
+    constructor refuses.
 
-    `renamed`: sections whose name an override changed; their leftover arguments get a `~key` hint.
+    `origin`: dotted key -> the override item that set it; sections whose name an override changed get a
+    `~key` hint for their leftover arguments. `original`: the config before the overrides.
     """
+    origin = origin or {}
+    renamed = {k.split(".")[0] for k in origin if k.endswith(".name")}
     problems: list[Problem] = []
     regs = None
     for section, own_keys in _SECTION_OWN_KEYS.items():
@@ -468,12 +545,12 @@ def _component_problems(data: dict[str, Any], renamed: set[str] = frozenset()) -
             continue
         kwargs = {k: v for k, v in body.items() if k != "name" and k not in own_keys}
         coerced, arg_problems = registry.check_kwargs(name, kwargs)
-        hint = "; remove it with ~{section}.{arg}" if section in renamed else ""
         entry = registry.get(name)
-        problems += [
-            Problem(f"{section}.{arg}", message + _elsewhere(registry, entry, section, arg) + hint.format(section=section, arg=arg))
-            for arg, message in arg_problems
-        ]
+        accepted = entry.parameters()
+        for arg, message in arg_problems:
+            # an argument the new component does not take was left over from the old one
+            hint = f"; remove it with ~{section}.{arg}" if section in renamed and arg not in accepted else ""
+            problems.append(Problem(f"{section}.{arg}", message + _elsewhere(registry, entry, section, arg) + hint))
         body.update(coerced)  # `lr: 3e-4` arrives as a string; store the number
         filled_by_runner = _runner_filled(section, name)
         missing = [m for m in registry.missing_kwargs(name, kwargs) if m not in filled_by_runner]
@@ -486,8 +563,49 @@ def _component_problems(data: dict[str, Any], renamed: set[str] = frozenset()) -
 
             refused = constructor_problem(section, name, coerced)
             if refused is not None:
-                problems.append(Problem(*refused))
+                problems.append(_refusal_problem(section, name, registry, coerced, refused, origin, original or {}))
     return problems
+
+
+def _refusal_problem(
+    section: str,
+    name: str,
+    registry: Registry,
+    kwargs: dict[str, Any],
+    refused: tuple[str, str],
+    origin: dict[str, str],
+    original: dict[str, Any],
+) -> Problem:
+    """A constructor's refusal; when torch's message names no argument, the overrides that caused it.
+
+    An overridden argument is to blame when putting back the file's value (or removing it, when the file
+    has none) lets the constructor accept the rest; if no single one does, all of them together.
+    """
+    key, message = refused
+    overridden = [arg for arg in kwargs if f"{section}.{arg}" in origin]
+    if key != section or not overridden:
+        return Problem(key, message)  # a named argument is located like any key (line, or its override)
+    from trainer.components import constructor_problem
+
+    file_body = original.get(section) if isinstance(original.get(section), dict) else {}
+
+    def accepted_without(args: list[str]) -> bool:
+        restored = {k: v for k, v in kwargs.items() if k not in args}
+        from_file = {arg: file_body[arg] for arg in args if arg in file_body}
+        coerced, arg_problems = registry.check_kwargs(name, from_file)
+        if arg_problems:
+            return False
+        restored.update(coerced)
+        return constructor_problem(section, name, restored) is None
+
+    blamed = [arg for arg in overridden if accepted_without([arg])]
+    if not blamed and len(overridden) > 1 and accepted_without(overridden):
+        blamed = overridden
+    if not blamed:
+        return Problem(key, message)
+    items = [origin[f"{section}.{arg}"] for arg in blamed]
+    key = f"{section}.{blamed[0]}" if len(blamed) == 1 else section
+    return Problem(key, message, override=items[0], also=tuple(items[1:]))
 
 
 def _elsewhere(registry: Registry, entry: Any, section: str, arg: str) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -272,6 +273,10 @@ class _Unsupported(Exception):
     """The annotation is too exotic to check; pass the value through unchanged."""
 
 
+class _NotFinite(ValueError):
+    """A number where a float goes, but nan or infinite: said as such, also when a union has other members."""
+
+
 def _coerce_to(value: Any, annotation: Any) -> Any:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
@@ -281,14 +286,20 @@ def _coerce_to(value: Any, annotation: Any) -> Any:
         if value is None and _NONE in args:
             return None
         checkable = []
+        not_finite = None
         # plain scalars first so "3" for int | float becomes 3, not 3.0
         for arg in sorted((a for a in args if a is not _NONE), key=_scalar_rank):
             try:
                 return _coerce_to(value, arg)
+            except _NotFinite as err:
+                not_finite = err
+                checkable.append(arg)
             except ValueError:
                 checkable.append(arg)
             except _Unsupported:
                 pass  # a tensor or callable alternative: nothing in YAML can be one
+        if not_finite is not None:
+            raise not_finite  # `lr: .nan` for float | Tensor: the number is the problem, not its type
         if not checkable:
             return value
         wanted = " or ".join(_describe(a) for a in checkable)
@@ -336,10 +347,14 @@ def _coerce_to(value: Any, annotation: Any) -> Any:
         if isinstance(value, bool):
             raise ValueError(f"expects a number, got {value!r}")
         try:
-            if isinstance(value, (int, float)):
-                return float(value)
-            if isinstance(value, str):
-                return float(value)
+            if isinstance(value, (int, float, str)):
+                number = float(value)
+                if not math.isfinite(number):  # `.nan`, `.inf`, or "1e400" (a string to PyYAML) read as inf
+                    shown = value if isinstance(value, float) else repr(value)
+                    raise _NotFinite(f"must be a finite number, got {shown}")
+                return number
+        except _NotFinite:
+            raise
         except ValueError:
             pass
         except OverflowError:
