@@ -117,7 +117,51 @@ def test_a_signal_stops_the_run_cleanly(tmp_path, signum, code):
     assert "Traceback" not in stdout + stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["steps"] > 0
+    assert 0 < summary["train_time_s"] <= summary["wall_time_s"]  # the loop ran until the signal
     assert stdout.strip().splitlines()[-1] == str(run_dir)
+
+
+def test_a_run_folder_in_use_is_refused_to_a_second_process(cli, tmp_path):
+    proc, run_dir = _start_long_run(tmp_path)
+    try:
+        refused = cli("resume", run_dir, "train.epochs=200000")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)  # no clean-up runs: the kernel drops the lock with the process
+        proc.communicate(timeout=60)
+    assert refused.code == 2, refused.output
+    assert refused.stderr.strip().splitlines() == [
+        f"error: the run folder '{run_dir}' is in use by another trainer process (pid {proc.pid}); "
+        "wait for it to finish or stop it, then run this again"
+    ]
+    assert "resumes" not in json.loads((run_dir / "env.json").read_text())  # the refused resume wrote nothing
+    resumed = cli("resume", run_dir, "train.epochs=1", "train.max_steps=1000", "-q")
+    assert resumed.code == 0, resumed.output
+
+
+def test_a_run_folder_that_cannot_be_written_is_refused_before_training(tmp_path):
+    folder = tmp_path / "run"
+    (folder / ".lock").mkdir(parents=True)  # what the lock file would be cannot be opened for writing
+    with pytest.raises(UsageError, match=f"cannot write in the run folder '{folder}'"):
+        execute_run(config_from_dict(tiny_config()), run_dir=folder, quiet=True)
+    assert sorted(p.name for p in folder.iterdir()) == [".lock"]
+
+
+def test_resuming_a_complete_run_trains_nothing_and_changes_no_file(cli, tmp_path, write_config, tiny):
+    config = write_config(tiny(train={"epochs": 2}))
+    folder = tmp_path / "run"
+    assert cli("run", config, "--run-dir", folder, "-q").code == 0
+    before = {p.name: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != ".lock"}
+    again = cli("resume", folder)
+    assert again.code == 0, again.output
+    assert again.stdout.strip() == str(folder)
+    assert again.stderr.strip() == (
+        f"nothing to train: the run in '{folder}' is complete (2 epochs, 8 steps; train.epochs=2); its files are "
+        f"unchanged. To train on, resume with a larger train.epochs or train.max_steps (trainer resume {folder} train.epochs=4)"
+    )
+    assert {p.name: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    longer = cli("resume", folder, "train.epochs=3", "-q")
+    assert longer.code == 0, longer.output
+    assert json.loads((folder / "summary.json").read_text())["epochs"] == 3
 
 
 # ---------------------------------------------------------------------------------------------

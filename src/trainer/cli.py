@@ -182,6 +182,8 @@ def _train(cfg, run_dir, runs_root, device, quiet, resume_from, force) -> None:
         return
     if result.error:
         err_console.print(f"error: {result.error}" if result.exit_code == EXIT_FAILED else result.error, markup=False)
+    if result.note and not quiet:
+        err_console.print(result.note, markup=False)
     # the last line on stdout is the run folder, for scripts, whatever the status
     print(result.run_dir, flush=True)
     if result.exit_code:

@@ -52,7 +52,41 @@ def create_run_dir(name: str, *, root: Path = Path("runs"), run_dir: Path | None
             return candidate
         except FileExistsError:
             continue
+        except OSError as err:
+            raise UsageError(f"cannot create the run folder under '{parent}': {err.strerror}") from None
     raise UsageError(f"cannot find a free run folder name under '{parent}'")
+
+
+LOCK_FILE = ".lock"
+
+
+def lock_run_folder(folder: Path) -> int | None:
+    """Hold `folder`'s lock until the returned descriptor is closed (or the process ends, however it
+    ends): a second trainer process writing into the same run folder is refused. Also the first
+    write into the folder, so a folder this process cannot write to is refused here, before training.
+    None where the platform has no flock (Windows): no lock there.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    path = Path(folder) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise UsageError(f"cannot write in the run folder '{folder}': {err.strerror}; choose a folder you can write to") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise UsageError(
+            f"the run folder '{folder}' is in use by another trainer process (pid {holder}); "
+            "wait for it to finish or stop it, then run this again"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
 
 
 def _git_commit() -> str | None:
@@ -143,6 +177,7 @@ class RunResult:
     summary: dict[str, Any]
     error: str | None = None  # what stopped a failed or interrupted run
     exit_code: int = 0  # 0 completed, 1 failed while training, 130 SIGINT, 143 SIGTERM
+    note: str | None = None  # what the user should know of a run that did nothing (already complete)
 
 
 # a test aid: send this process SIGTERM (or the signal named after a colon) right after step K,
@@ -174,6 +209,34 @@ def execute_run(
     tensorboard: bool = True,
 ) -> RunResult:
     """Build and train one config, writing its run folder (or continuing one, with `resume`).
+
+    The run folder is locked while this runs (see `lock_run_folder`), however it ends.
+    """
+    held: list[int] = []
+    try:
+        return _execute_run(
+            config, held, run_dir=run_dir, root=root, device=device, quiet=quiet, console=console,
+            resume=resume, force=force, tensorboard=tensorboard,
+        )  # fmt: skip
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
+def _execute_run(
+    config: Any,
+    held: list[int],
+    *,
+    run_dir: Path | None,
+    root: Path,
+    device: str | None,
+    quiet: bool,
+    console: Any,
+    resume: str | Path | None,
+    force: bool,
+    tensorboard: bool,
+) -> RunResult:
+    """execute_run's body; the run folder's lock goes into `held`.
 
     Bad input raises UsageError before anything is written. Once training starts, a failure
     (TrainingFailed), SIGINT or SIGTERM is recorded in summary.json and returned, not raised;
@@ -210,11 +273,21 @@ def execute_run(
                 "a resumed run continues in the folder it came from"
             )
         refuse_changed_run(payload["config"], built.config.model_dump(mode="json"), checkpoint, force=force)
+        _lock(folder, held, dist)
         state = restore(built, payload, checkpoint)
+        done = not (state.epoch < built.settings.epochs and state.step < built.settings.last_step(len(built.train_batches)))
+        recorded = _read_summary(folder)
+        if done and recorded.get("status") == "completed" and recorded.get("steps") == state.step:
+            # a finished run resumed again (a script that re-runs --resume auto until done): leave it as it is;
+            # an interrupted one whose budget was lowered below its steps goes on, to be recorded as completed
+            if dist is not None:
+                distributed.leave()
+            return RunResult("completed", folder, recorded, note=_nothing_to_train(folder, state, built))
         if main:
             _note_resume(folder, checkpoint, state.step)
     else:
         folder = _shared(dist, lambda: create_run_dir(built.config.name, root=root, run_dir=run_dir))
+        _lock(folder, held, dist)
         if main:
             write_json(folder / "env.json", environment(str(built.device), built.device_reason, dist))
         state = TrainState()
@@ -236,7 +309,7 @@ def execute_run(
         )
     else:  # the other ranks print nothing and write no files
         tracker = Tracker(None, console=console, quiet=True, tensorboard=False, jsonl=False)
-    train_seconds = 0.0
+    fit_started, train_seconds = None, 0.0
     digests: list[str] | None = None  # each rank's parameters at the end of a data-parallel run
     checkpoints = None
     with StopRequests(ignore_after=dist is not None) as stop:
@@ -311,7 +384,7 @@ def execute_run(
             status, error, exit_code = "interrupted", "stopped at once by a second SIGINT", 128 + signal.SIGINT
         except Stopped as err:
             status, error, exit_code = "interrupted", f"stopped by {err} after step {state.step}", err.exit_code
-        except TrainingFailed as err:
+        except (TrainingFailed, UsageError) as err:  # a UsageError here: data unreadable mid-run (a corrupt image)
             status, error = "failed", str(err)
         except Exception as err:
             if dist is not None and distributed.lost_peer(err):
@@ -324,6 +397,8 @@ def execute_run(
             if checkpoints is not None:
                 checkpoints.close()
             seconds = time.perf_counter() - started
+            if fit_started is not None and status != "completed":
+                train_seconds = time.perf_counter() - fit_started  # stopped or failed: the loop until now
             summary = _summary(status, error, state, seconds, built)
             summary["train_time_s"] = round(train_seconds, 4)  # the loop alone: epochs, validation, checkpoints
             if dist is not None:
@@ -343,6 +418,42 @@ def execute_run(
             if dist is not None and status != "failed":
                 distributed.leave()  # after a failure the other ranks may be gone; torchrun ends this one
     return RunResult(status, folder, summary, error, exit_code)
+
+
+def _lock(folder: Path, held: list[int], dist: Any) -> None:
+    """Lock the run folder (rank 0 does, for all ranks); a refusal is raised on every rank."""
+    error = None
+    if dist is None or dist.is_main:
+        try:
+            fd = lock_run_folder(folder)
+        except UsageError as err:
+            error = str(err)
+        else:
+            if fd is not None:
+                held.append(fd)
+    if dist is not None:
+        error = dist.broadcast(error)
+    if error:
+        raise UsageError(error)
+
+
+def _read_summary(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _nothing_to_train(folder: Path, state: Any, built: Any) -> str:
+    """What a resume of a finished run says: nothing was done, and how to train on."""
+    budget = f"train.epochs={built.settings.epochs}"
+    if built.settings.max_steps is not None:
+        budget += f", train.max_steps={built.settings.max_steps}"
+    return (
+        f"nothing to train: the run in '{folder}' is complete ({state.epoch} epochs, {state.step} steps; {budget}); "
+        "its files are unchanged. To train on, resume with a larger train.epochs or train.max_steps "
+        f"(trainer resume {folder} train.epochs={built.settings.epochs * 2})"
+    )
 
 
 def _shared(dist: Any, make: Callable[[], Path]) -> Path:
