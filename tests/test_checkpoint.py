@@ -147,12 +147,20 @@ def test_a_truncated_file_is_a_usage_error_naming_it(tmp_path):
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all"], ids=["empty", "text"])
-def test_a_file_that_is_not_a_checkpoint_is_a_usage_error(tmp_path, content):
+@pytest.mark.parametrize(
+    "content, says",
+    [
+        (b"", "checkpoint '{}' is empty (0 bytes): not a checkpoint, or one whose writing never finished"),
+        (b"name: lenet\nseed: 0\n", "'{}' is not a checkpoint: torch.save writes a zip archive, and this file starts with b'name'"),
+    ],
+    ids=["empty", "yaml"],
+)
+def test_a_file_that_is_not_a_checkpoint_says_so(tmp_path, content, says):
     path = tmp_path / "last.pt"
     path.write_bytes(content)
-    with pytest.raises(UsageError, match="last.pt"):
+    with pytest.raises(UsageError) as info:
         load_checkpoint(path)
+    assert str(info.value) == says.format(path)  # not "cannot be loaded safely: it holds pickled Python objects"
 
 
 def test_a_missing_file_is_a_usage_error(tmp_path):

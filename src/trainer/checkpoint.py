@@ -302,6 +302,15 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
     if not path.is_file():
         raise UsageError(f"checkpoint '{path}' does not exist")
     try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as err:
+        raise UsageError(f"checkpoint '{path}' cannot be read: {err.strerror}") from None
+    if not head:
+        raise UsageError(f"checkpoint '{path}' is empty (0 bytes): not a checkpoint, or one whose writing never finished")
+    if not head.startswith((b"PK", b"\x80")):  # a zip archive; or a pickle, as torch.save wrote before 1.6
+        raise UsageError(f"'{path}' is not a checkpoint: torch.save writes a zip archive, and this file starts with {head!r}")
+    try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # a pickled payload, a truncated zip, not a checkpoint at all
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()  # torch's message carries terminal escapes
