@@ -351,3 +351,12 @@ def test_fused_optimizers_follow_the_for_loop_trajectory_on_cpu(optimizer):
     assert_same_parameters(fused.model.state_dict(), plain.model.state_dict(), atol=1e-6)
     start = built(optimizer=optimizer).model.state_dict()
     assert max((plain.model.state_dict()[k] - start[k]).abs().max() for k in start) > 1e-3
+
+
+def test_only_relative_data_paths_are_read_from_data_dir(tmp_path):
+    from trainer.build import _under
+
+    assert _under(None, {"path": "t.csv"}) == {"path": "t.csv"}
+    assert _under(tmp_path, {"path": "t.csv", "target": "y"}) == {"path": str(tmp_path / "t.csv"), "target": "y"}
+    assert _under(tmp_path, {"root": "/data/mnist"}) == {"root": "/data/mnist"}
+    assert _under(tmp_path, {"root": "~/data"}) == {"root": "~/data"}  # the user's home, wherever the run started

@@ -14,7 +14,7 @@ import pytest
 from conftest import tiny_config, trainer_executable
 from trainer.config import config_from_dict
 from trainer.errors import UsageError
-from trainer.runs import create_run_dir, environment, execute_run
+from trainer.runs import create_run_dir, environment, execute_run, started_in
 
 
 def test_run_folders_are_name_then_timestamp_and_never_reused(tmp_path):
@@ -531,3 +531,41 @@ def test_resume_refuses_data_that_changed_on_disk(cli, tmp_path, write_config):
     table.write_text("a,b,y\n" + "\n".join(rows + ["40,1,80", "41,2,82"]) + "\n")  # same config, more rows
     result = cli("resume", folder, "train.epochs=2")
     assert result.code == 2 and "the data changed" in result.stderr and "32 training samples" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# a run folder used from another working folder
+
+
+def test_resume_and_eval_read_relative_data_paths_from_where_the_run_started(cli, tmp_path):
+    import yaml
+
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    (project / "data").mkdir(parents=True)
+    elsewhere.mkdir()
+    rows = "\n".join(f"{i / 40},{(i * 7 % 40) / 40},{i % 3}" for i in range(40))
+    (project / "data" / "table.csv").write_text("a,b,y\n" + rows + "\n")
+    config = tiny_config(data={"name": "csv", "path": "data/table.csv", "target": "y", "batch_size": 8}, train={"epochs": 1})
+    (project / "config.yaml").write_text(yaml.safe_dump(config))
+    started = cli("run", "config.yaml", "-q", cwd=project)
+    assert started.code == 0, started.output
+    run_dir = project / started.stdout.strip()
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["path"] == "data/table.csv"  # kept as written
+
+    resumed = cli("resume", run_dir, "train.epochs=2", "-q", cwd=elsewhere)
+    assert resumed.code == 0, resumed.output
+    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 2
+    evaluated = cli("eval", run_dir, "--json", cwd=elsewhere)
+    assert evaluated.code == 0, evaluated.output
+    assert json.loads(evaluated.stdout)["samples"] == 8
+    assert not (elsewhere / "runs").exists()
+
+
+def test_started_in_is_the_recorded_working_folder_while_it_exists(tmp_path):
+    run, gone = tmp_path / "run", tmp_path / "gone"
+    run.mkdir()
+    assert started_in(run) is None  # no env.json
+    (run / "env.json").write_text(json.dumps({"cwd": str(tmp_path)}))
+    assert started_in(run) == tmp_path
+    (run / "env.json").write_text(json.dumps({"cwd": str(gone)}))
+    assert started_in(run) is None  # moved away: paths are read from the current folder

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -56,10 +58,18 @@ def _component(kind: str, name: str, build: Any) -> Any:
         raise UsageError(f"{name}() refused its arguments: {first_line(err)}", key=kind) from None
 
 
-def build_run(config: Config, *, device: str | None = None, rank: int = 0, world_size: int = 1) -> Built:
+# the dataset arguments that name files or folders on disk (csv's path; mnist's and image_folder's root)
+DATA_PATH_KEYS = ("path", "root")
+
+
+def build_run(
+    config: Config, *, device: str | None = None, rank: int = 0, world_size: int = 1, data_dir: Path | None = None
+) -> Built:
     """Seed, resolve the device, then build data, model, loss, optimizer and scheduler in that order.
 
     With `world_size` > 1 the batches are process `rank`'s share of every epoch (trainer.data.epoch_order).
+    `data_dir`: the folder relative data paths are read from (default: the working folder); the
+    config keeps them as written.
     """
     seed_everything(config.seed)
     torch_device, reason = resolve_device(device or config.device)
@@ -74,7 +84,7 @@ def build_run(config: Config, *, device: str | None = None, rank: int = 0, world
     data_kwargs = config.data.kwargs
     train_batches, val_batches, info = build_data(
         config.data.name,
-        data_kwargs,
+        _under(data_dir, data_kwargs),
         batch_size=config.data.batch_size,
         val_fraction=config.data.val_fraction,
         shuffle=config.data.shuffle,
@@ -208,6 +218,18 @@ def _compile_failed(built: Built, err: BaseException) -> UsageError:
 
 _REGRESSION_LOSSES = {"mse", "l1", "smooth_l1", "huber"}
 _CLASS_LOSSES = {"cross_entropy", "nll", "multi_margin"}
+
+
+def _under(data_dir: Path | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`kwargs` with its relative data paths read from `data_dir`."""
+    if data_dir is None:
+        return kwargs
+    out = dict(kwargs)
+    for key in DATA_PATH_KEYS:
+        value = out.get(key)
+        if isinstance(value, str) and value and not Path(os.path.expanduser(value)).is_absolute():
+            out[key] = str(Path(data_dir) / value)
+    return out
 
 
 def check_one_batch(built: Built) -> None:

@@ -159,22 +159,23 @@ def resume(
 
     def action() -> None:
         from trainer.errors import UsageError
+        from trainer.runs import started_in
 
         if not (run_dir / "config.yaml").is_file():
             raise UsageError(f"'{run_dir}' is not a run folder: it has no config.yaml")
         cfg = _load(run_dir / "config.yaml", overrides)
         if nproc > 1:
             _launch(nproc)
-        _train(cfg, None, run_dir.parent.parent, None, quiet, str(run_dir), force)
+        _train(cfg, None, run_dir.parent.parent, None, quiet, str(run_dir), force, data_dir=started_in(run_dir))
 
     _guarded(action)
 
 
-def _train(cfg, run_dir, runs_root, device, quiet, resume_from, force) -> None:
+def _train(cfg, run_dir, runs_root, device, quiet, resume_from, force, data_dir=None) -> None:
     from trainer.runs import execute_run
 
     result = execute_run(
-        cfg, run_dir=run_dir, root=runs_root, device=device, quiet=quiet, resume=resume_from, force=force
+        cfg, run_dir=run_dir, root=runs_root, device=device, quiet=quiet, resume=resume_from, force=force, data_dir=data_dir
     )
     if _other_rank():
         if result.exit_code:

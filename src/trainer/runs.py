@@ -89,6 +89,16 @@ def lock_run_folder(folder: Path) -> int | None:
     return fd
 
 
+def started_in(folder: Path) -> Path | None:
+    """The working folder a run was started in (env.json's `cwd`), if it still exists: the folder its
+    config's relative data paths are read from when the run is resumed or evaluated from elsewhere."""
+    try:
+        cwd = json.loads((Path(folder) / "env.json").read_text(encoding="utf-8")).get("cwd")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return Path(cwd) if isinstance(cwd, str) and Path(cwd).is_dir() else None
+
+
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(
@@ -207,16 +217,18 @@ def execute_run(
     resume: str | Path | None = None,
     force: bool = False,
     tensorboard: bool = True,
+    data_dir: Path | None = None,
 ) -> RunResult:
     """Build and train one config, writing its run folder (or continuing one, with `resume`).
 
-    The run folder is locked while this runs (see `lock_run_folder`), however it ends.
+    The run folder is locked while this runs (see `lock_run_folder`), however it ends. `data_dir`:
+    where relative data paths are read from (`started_in` of the run folder, for a resume of it).
     """
     held: list[int] = []
     try:
         return _execute_run(
             config, held, run_dir=run_dir, root=root, device=device, quiet=quiet, console=console,
-            resume=resume, force=force, tensorboard=tensorboard,
+            resume=resume, force=force, tensorboard=tensorboard, data_dir=data_dir,
         )  # fmt: skip
     finally:
         for fd in held:
@@ -235,6 +247,7 @@ def _execute_run(
     resume: str | Path | None,
     force: bool,
     tensorboard: bool,
+    data_dir: Path | None,
 ) -> RunResult:
     """execute_run's body; the run folder's lock goes into `held`.
 
@@ -258,7 +271,8 @@ def _execute_run(
 
         device = distributed.rank_device(device or config.device, dist)
         distributed.join(dist, torch.device(device))
-    built = build_run(config, device=device, **({"rank": dist.rank, "world_size": dist.world_size} if dist else {}))
+    ranks = {"rank": dist.rank, "world_size": dist.world_size} if dist else {}
+    built = build_run(config, device=device, data_dir=data_dir, **ranks)
     check_one_batch(built)
     main = dist is None or dist.is_main  # the one process that writes files and prints
     checkpoint = None
@@ -603,7 +617,7 @@ def evaluate_checkpoint(target: Path, *, split: str = "val", which: str | None =
         config = config_from_dict(payload["config"], source=f"the config inside {path}")
     except (KeyError, ConfigError) as err:
         raise UsageError(f"checkpoint '{path}' has no usable config: {err}") from None
-    built = build_run(config, device=device)
+    built = build_run(config, device=device, data_dir=started_in(path.parent.parent))
     try:
         built.model.load_state_dict(payload["model"])
     except (KeyError, RuntimeError) as err:
