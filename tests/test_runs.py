@@ -121,6 +121,26 @@ def test_a_signal_stops_the_run_cleanly(tmp_path, signum, code):
     assert stdout.strip().splitlines()[-1] == str(run_dir)
 
 
+def test_a_signal_just_after_the_run_folder_is_made_still_leaves_a_summary(tmp_path, monkeypatch):
+    import trainer.runs
+
+    make = trainer.runs.create_run_dir
+
+    def make_then_sigterm(*args, **kwargs):
+        folder = make(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # the real signal, before env.json, config.yaml or the tracker exist
+        return folder
+
+    monkeypatch.setattr(trainer.runs, "create_run_dir", make_then_sigterm)
+    handler = signal.getsignal(signal.SIGTERM)
+    result = execute_run(config_from_dict(tiny_config()), root=tmp_path, quiet=True)
+    assert (result.status, result.exit_code) == ("interrupted", 143)
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["steps"] == 1  # the step it was on, then a save
+    assert (result.run_dir / "checkpoints" / "last.pt").is_file()
+    assert signal.getsignal(signal.SIGTERM) == handler  # the one from before the run is put back
+
+
 def test_a_run_folder_in_use_is_refused_to_a_second_process(cli, tmp_path):
     proc, run_dir = _start_long_run(tmp_path)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -224,20 +225,16 @@ def execute_run(
     The run folder is locked while this runs (see `lock_run_folder`), however it ends. `data_dir`:
     where relative data paths are read from (`started_in` of the run folder, for a resume of it).
     """
-    held: list[int] = []
-    try:
+    with contextlib.ExitStack() as cleanup:  # the signal handlers and the folder's lock, however the run ends
         return _execute_run(
-            config, held, run_dir=run_dir, root=root, device=device, quiet=quiet, console=console,
+            config, cleanup, run_dir=run_dir, root=root, device=device, quiet=quiet, console=console,
             resume=resume, force=force, tensorboard=tensorboard, data_dir=data_dir,
         )  # fmt: skip
-    finally:
-        for fd in held:
-            os.close(fd)
 
 
 def _execute_run(
     config: Any,
-    held: list[int],
+    cleanup: contextlib.ExitStack,
     *,
     run_dir: Path | None,
     root: Path,
@@ -249,7 +246,7 @@ def _execute_run(
     tensorboard: bool,
     data_dir: Path | None,
 ) -> RunResult:
-    """execute_run's body; the run folder's lock goes into `held`.
+    """execute_run's body; what must be undone at its end goes on `cleanup`.
 
     Bad input raises UsageError before anything is written. Once training starts, a failure
     (TrainingFailed), SIGINT or SIGTERM is recorded in summary.json and returned, not raised;
@@ -275,6 +272,9 @@ def _execute_run(
     built = build_run(config, device=device, data_dir=data_dir, **ranks)
     check_one_batch(built)
     main = dist is None or dist.is_main  # the one process that writes files and prints
+    # from before the run folder exists: a signal from here on stops the run after a step, with its
+    # summary.json, never leaving a folder without one (building the data above stays interruptible)
+    stop = cleanup.enter_context(StopRequests(ignore_after=dist is not None))
     checkpoint = None
     if resume is not None:
         if run_dir is not None:
@@ -287,7 +287,7 @@ def _execute_run(
                 "a resumed run continues in the folder it came from"
             )
         refuse_changed_run(payload["config"], built.config.model_dump(mode="json"), checkpoint, force=force)
-        _lock(folder, held, dist)
+        _lock(folder, cleanup, dist)
         state = restore(built, payload, checkpoint)
         done = not (state.epoch < built.settings.epochs and state.step < built.settings.last_step(len(built.train_batches)))
         recorded = _read_summary(folder)
@@ -301,7 +301,7 @@ def _execute_run(
             _note_resume(folder, checkpoint, state.step)
     else:
         folder = _shared(dist, lambda: create_run_dir(built.config.name, root=root, run_dir=run_dir))
-        _lock(folder, held, dist)
+        _lock(folder, cleanup, dist)
         if main:
             write_json(folder / "env.json", environment(str(built.device), built.device_reason, dist))
         state = TrainState()
@@ -326,116 +326,115 @@ def _execute_run(
     fit_started, train_seconds = None, 0.0
     digests: list[str] | None = None  # each rank's parameters at the end of a data-parallel run
     checkpoints = None
-    with StopRequests(ignore_after=dist is not None) as stop:
-        try:
-            tracker.run_started(
-                name=built.config.name,
-                run_dir=folder,
-                device=str(built.device),
-                device_reason=built.device_reason,
-                model=built.config.model.name,
-                num_params=count_parameters(built.model),
-                data=f"{built.config.data.name}: {describe_data(built.info)}",
-                epochs=settings.epochs,
-                steps_per_epoch=steps_per_epoch,
-                total_steps=last_step,
-                batch_size=built.config.data.batch_size,
-                processes=built.world_size,
-            )
-            if state.step:
-                tracker.message(f"resumed from {checkpoint} at step {state.step} (epoch {state.epoch + 1})")
-            checkpoints = Checkpoints(built, folder / "checkpoints", dist)
-            injected_stop = _injected_stop()
-            every = built.config.train.checkpoint_every or 0  # read once: after_step runs every step
-            log_every = settings.log_every
+    try:
+        tracker.run_started(
+            name=built.config.name,
+            run_dir=folder,
+            device=str(built.device),
+            device_reason=built.device_reason,
+            model=built.config.model.name,
+            num_params=count_parameters(built.model),
+            data=f"{built.config.data.name}: {describe_data(built.info)}",
+            epochs=settings.epochs,
+            steps_per_epoch=steps_per_epoch,
+            total_steps=last_step,
+            batch_size=built.config.data.batch_size,
+            processes=built.world_size,
+        )
+        if state.step:
+            tracker.message(f"resumed from {checkpoint} at step {state.step} (epoch {state.epoch + 1})")
+        checkpoints = Checkpoints(built, folder / "checkpoints", dist)
+        injected_stop = _injected_stop()
+        every = built.config.train.checkpoint_every or 0  # read once: after_step runs every step
+        log_every = settings.log_every
 
-            def stop_signal(state: TrainState, at_epoch_end: bool = False) -> int | None:
-                """The signal to stop on, agreed by all ranks at log points and epoch ends."""
-                if dist is None:
-                    return stop.signum
-                if at_epoch_end or state.step % log_every == 0 or state.step >= last_step:
-                    return dist.max_int(stop.signum or 0, built.device) or None
-                return None  # between log points a rank goes on: all must stop after the same step
+        def stop_signal(state: TrainState, at_epoch_end: bool = False) -> int | None:
+            """The signal to stop on, agreed by all ranks at log points and epoch ends."""
+            if dist is None:
+                return stop.signum
+            if at_epoch_end or state.step % log_every == 0 or state.step >= last_step:
+                return dist.max_int(stop.signum or 0, built.device) or None
+            return None  # between log points a rank goes on: all must stop after the same step
 
-            def after_step(state: TrainState) -> None:
-                injected_stop(state.step)
-                signum = stop_signal(state)
-                # at an epoch's last batch (or the run's) the epoch-end hook below saves, after validation
-                if state.batch_in_epoch >= steps_per_epoch or state.step >= last_step:
-                    return
-                if signum is not None or (every and state.step % every == 0):
-                    tracker.flush()  # the files hold every point up to the checkpoint (epoch ends flush anyway)
-                    checkpoints.save(state)
-                if signum is not None:
-                    checkpoints.finish()
-                    raise Stopped(signum)
+        def after_step(state: TrainState) -> None:
+            injected_stop(state.step)
+            signum = stop_signal(state)
+            # at an epoch's last batch (or the run's) the epoch-end hook below saves, after validation
+            if state.batch_in_epoch >= steps_per_epoch or state.step >= last_step:
+                return
+            if signum is not None or (every and state.step % every == 0):
+                tracker.flush()  # the files hold every point up to the checkpoint (epoch ends flush anyway)
+                checkpoints.save(state)
+            if signum is not None:
+                checkpoints.finish()
+                raise Stopped(signum)
 
-            def on_epoch_end(state: TrainState, improved: set[str]) -> None:
-                is_best = checkpoints.record_best(state)  # first, so last.pt carries the new best value
-                checkpoints.save(state, best=is_best)
-                signum = stop_signal(state, at_epoch_end=True)
-                if signum is not None and state.step < last_step:
-                    checkpoints.finish()
-                    raise Stopped(signum)
+        def on_epoch_end(state: TrainState, improved: set[str]) -> None:
+            is_best = checkpoints.record_best(state)  # first, so last.pt carries the new best value
+            checkpoints.save(state, best=is_best)
+            signum = stop_signal(state, at_epoch_end=True)
+            if signum is not None and state.step < last_step:
+                checkpoints.finish()
+                raise Stopped(signum)
 
-            fit_started = time.perf_counter()
-            fit(
-                model, built.train_batches, built.val_batches, built.loss_fn, built.optimizer, settings,
-                precision=built.precision, scheduler=built.scheduler, scaler=built.scaler, tracker=tracker,
-                state=state, after_step=after_step, on_epoch_end=on_epoch_end, dist=dist,
-            )  # fmt: skip
-            checkpoints.finish()
-            if dist is not None:
-                digests = _rank_digests(built, dist)
-                if dist.is_main and len(set(digests)) > 1:
-                    raise TrainingFailed(
-                        "the processes' parameters differ at the end of training (a parameter or buffer updated "
-                        "outside DistributedDataParallel?); the checkpoints hold rank 0's"
-                    )
-            train_seconds = time.perf_counter() - fit_started
-            status, exit_code = "completed", 0
-        except KeyboardInterrupt:
-            status, error, exit_code = "interrupted", "stopped at once by a second SIGINT", 128 + signal.SIGINT
-        except Stopped as err:
-            status, error, exit_code = "interrupted", f"stopped by {err} after step {state.step}", err.exit_code
-        except (TrainingFailed, UsageError) as err:  # a UsageError here: data unreadable mid-run (a corrupt image)
-            status, error = "failed", str(err)
-        except Exception as err:
-            if dist is not None and distributed.lost_peer(err):
-                # another rank died (torchrun stops the job) or its collective failed
-                status, error = "failed", f"another process of the run is gone: {first_line(err)}"
-            else:
-                error = f"{type(err).__name__}: {err}"
-                raise
-        finally:
-            if checkpoints is not None:
-                checkpoints.close()
-            seconds = time.perf_counter() - started
-            if fit_started is not None and status != "completed":
-                train_seconds = time.perf_counter() - fit_started  # stopped or failed: the loop until now
-            summary = _summary(status, error, state, seconds, built)
-            summary["train_time_s"] = round(train_seconds, 4)  # the loop alone: epochs, validation, checkpoints
-            if dist is not None:
-                summary["processes"] = {"world_size": dist.world_size, "parameters_sha256": digests}
-            if main:
-                write_json(folder / "summary.json", summary)
-            if status == "completed":
-                tracker.log_hparams(_hparams(built.config), {f"best/{k}": v for k, v in summary["best"].items()})
-            tracker.finished(
-                status=status, run_dir=folder, best=summary["best"], final=summary["final"],
-                steps=summary["steps"], epochs=summary["epochs"], seconds=seconds,
-            )  # fmt: skip
-            if status == "interrupted" and (folder / "checkpoints" / "last.pt").exists():
-                nproc = f" --nproc {built.world_size}" if dist is not None else ""
-                tracker.message(f"resume with: trainer resume {folder}{nproc}")
-            tracker.close()
-            if dist is not None and status != "failed":
-                distributed.leave()  # after a failure the other ranks may be gone; torchrun ends this one
+        fit_started = time.perf_counter()
+        fit(
+            model, built.train_batches, built.val_batches, built.loss_fn, built.optimizer, settings,
+            precision=built.precision, scheduler=built.scheduler, scaler=built.scaler, tracker=tracker,
+            state=state, after_step=after_step, on_epoch_end=on_epoch_end, dist=dist,
+        )  # fmt: skip
+        checkpoints.finish()
+        if dist is not None:
+            digests = _rank_digests(built, dist)
+            if dist.is_main and len(set(digests)) > 1:
+                raise TrainingFailed(
+                    "the processes' parameters differ at the end of training (a parameter or buffer updated "
+                    "outside DistributedDataParallel?); the checkpoints hold rank 0's"
+                )
+        train_seconds = time.perf_counter() - fit_started
+        status, exit_code = "completed", 0
+    except KeyboardInterrupt:
+        status, error, exit_code = "interrupted", "stopped at once by a second SIGINT", 128 + signal.SIGINT
+    except Stopped as err:
+        status, error, exit_code = "interrupted", f"stopped by {err} after step {state.step}", err.exit_code
+    except (TrainingFailed, UsageError) as err:  # a UsageError here: data unreadable mid-run (a corrupt image)
+        status, error = "failed", str(err)
+    except Exception as err:
+        if dist is not None and distributed.lost_peer(err):
+            # another rank died (torchrun stops the job) or its collective failed
+            status, error = "failed", f"another process of the run is gone: {first_line(err)}"
+        else:
+            error = f"{type(err).__name__}: {err}"
+            raise
+    finally:
+        if checkpoints is not None:
+            checkpoints.close()
+        seconds = time.perf_counter() - started
+        if fit_started is not None and status != "completed":
+            train_seconds = time.perf_counter() - fit_started  # stopped or failed: the loop until now
+        summary = _summary(status, error, state, seconds, built)
+        summary["train_time_s"] = round(train_seconds, 4)  # the loop alone: epochs, validation, checkpoints
+        if dist is not None:
+            summary["processes"] = {"world_size": dist.world_size, "parameters_sha256": digests}
+        if main:
+            write_json(folder / "summary.json", summary)
+        if status == "completed":
+            tracker.log_hparams(_hparams(built.config), {f"best/{k}": v for k, v in summary["best"].items()})
+        tracker.finished(
+            status=status, run_dir=folder, best=summary["best"], final=summary["final"],
+            steps=summary["steps"], epochs=summary["epochs"], seconds=seconds,
+        )  # fmt: skip
+        if status == "interrupted" and (folder / "checkpoints" / "last.pt").exists():
+            nproc = f" --nproc {built.world_size}" if dist is not None else ""
+            tracker.message(f"resume with: trainer resume {folder}{nproc}")
+        tracker.close()
+        if dist is not None and status != "failed":
+            distributed.leave()  # after a failure the other ranks may be gone; torchrun ends this one
     return RunResult(status, folder, summary, error, exit_code)
 
 
-def _lock(folder: Path, held: list[int], dist: Any) -> None:
-    """Lock the run folder (rank 0 does, for all ranks); a refusal is raised on every rank."""
+def _lock(folder: Path, cleanup: contextlib.ExitStack, dist: Any) -> None:
+    """Lock the run folder (rank 0 does, for all ranks) until `cleanup` closes; a refusal is raised on every rank."""
     error = None
     if dist is None or dist.is_main:
         try:
@@ -444,7 +443,7 @@ def _lock(folder: Path, held: list[int], dist: Any) -> None:
             error = str(err)
         else:
             if fd is not None:
-                held.append(fd)
+                cleanup.callback(os.close, fd)
     if dist is not None:
         error = dist.broadcast(error)
     if error:
