@@ -158,6 +158,38 @@ def test_a_run_folder_in_use_is_refused_to_a_second_process(cli, tmp_path):
     assert resumed.code == 0, resumed.output
 
 
+def test_the_lock_goes_with_its_process_not_with_the_children_it_forked(tmp_path):
+    import sys
+
+    from trainer.runs import lock_run_folder
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import os, sys, time\n"
+            "from trainer.runs import lock_run_folder\n"
+            "lock_run_folder(sys.argv[1])\n"
+            "child = os.fork()  # as a DataLoader worker is forked while a run holds its folder\n"
+            "if child == 0:\n"
+            "    time.sleep(60); os._exit(0)\n"
+            "print(child, flush=True)\n"
+            "time.sleep(60)\n"
+        ), str(tmp_path)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    child = int(holder.stdout.readline())
+    try:
+        with pytest.raises(UsageError, match=f"in use by another trainer process \\(pid {holder.pid}\\)"):
+            lock_run_folder(tmp_path)
+        holder.kill()  # SIGKILL: its child lives on
+        holder.wait()
+        fd = lock_run_folder(tmp_path)  # at once, while the child still runs
+        assert fd is not None
+        os.close(fd)
+    finally:
+        os.kill(child, signal.SIGKILL)
+        holder.kill()
+
+
 def test_a_run_folder_that_cannot_be_written_is_refused_before_training(tmp_path):
     folder = tmp_path / "run"
     (folder / ".lock").mkdir(parents=True)  # what the lock file would be cannot be opened for writing
@@ -176,12 +208,26 @@ def test_resuming_a_complete_run_trains_nothing_and_changes_no_file(cli, tmp_pat
     assert again.stdout.strip() == str(folder)
     assert again.stderr.strip() == (
         f"nothing to train: the run in '{folder}' is complete (2 epochs, 8 steps; train.epochs=2); its files are "
-        f"unchanged. To train on, resume with a larger train.epochs or train.max_steps (trainer resume {folder} train.epochs=4)"
+        f"unchanged. To train on, resume with a larger budget: trainer resume {folder} train.epochs=4"
     )
     assert {p.name: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != ".lock"} == before
     longer = cli("resume", folder, "train.epochs=3", "-q")
     assert longer.code == 0, longer.output
     assert json.loads((folder / "summary.json").read_text())["epochs"] == 3
+
+
+def test_a_complete_run_limited_by_max_steps_is_told_to_raise_max_steps(cli, tmp_path, write_config, tiny):
+    config = write_config(tiny(train={"max_steps": 6}))  # 4 steps an epoch: ends in its second epoch
+    folder = tmp_path / "run"
+    assert cli("run", config, "--run-dir", folder, "-q").code == 0
+    again = cli("resume", folder, "train.epochs=6")  # more epochs do not lift the step limit
+    assert again.code == 0, again.output
+    assert again.stderr.strip().endswith(
+        f"(2 epochs, 6 steps; train.epochs=6, train.max_steps=6); its files are unchanged. To train on, resume with "
+        f"a larger budget: trainer resume {folder} train.max_steps=12"
+    )
+    assert cli("resume", folder, "train.max_steps=12", "-q").code == 0  # the hint does train on
+    assert json.loads((folder / "summary.json").read_text())["steps"] > 6
 
 
 # ---------------------------------------------------------------------------------------------

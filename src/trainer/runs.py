@@ -65,7 +65,12 @@ def lock_run_folder(folder: Path) -> int | None:
     """Hold `folder`'s lock until the returned descriptor is closed (or the process ends, however it
     ends): a second trainer process writing into the same run folder is refused. Also the first
     write into the folder, so a folder this process cannot write to is refused here, before training.
-    None where the platform has no flock (Windows): no lock there.
+    None where the platform has no fcntl (Windows): no lock there.
+
+    A POSIX record lock (lockf), not flock: a flock belongs to the open file, which forked children
+    (DataLoader workers) share, so after a SIGKILL they kept the folder locked until they noticed
+    their parent was gone. A record lock belongs to this process alone. (It is also released when
+    this process closes any descriptor of the file: nothing else here opens it.)
     """
     try:
         import fcntl
@@ -77,7 +82,7 @@ def lock_run_folder(folder: Path) -> int | None:
     except OSError as err:
         raise UsageError(f"cannot write in the run folder '{folder}': {err.strerror}; choose a folder you can write to") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
         os.close(fd)
@@ -458,14 +463,20 @@ def _read_summary(folder: Path) -> dict[str, Any]:
 
 
 def _nothing_to_train(folder: Path, state: Any, built: Any) -> str:
-    """What a resume of a finished run says: nothing was done, and how to train on."""
-    budget = f"train.epochs={built.settings.epochs}"
-    if built.settings.max_steps is not None:
-        budget += f", train.max_steps={built.settings.max_steps}"
+    """What a resume of a finished run says: nothing was done, and the budget that trains on."""
+    train, settings = built.config.train, built.settings
+    given = [f"train.{k}={v}" for k, v in (("epochs", train.epochs), ("max_steps", train.max_steps)) if v is not None]
+    budget = ", ".join(given) or f"train.epochs={settings.epochs}, the default"
+    # every limit the run has reached must grow; without train.epochs the epochs follow max_steps
+    epochs = train.epochs if train.epochs is not None else (settings.epochs if train.max_steps is None else None)
+    larger = []
+    if settings.max_steps is not None and state.step >= settings.max_steps:
+        larger.append(f"train.max_steps={2 * settings.max_steps}")
+    if epochs is not None and state.epoch >= epochs:
+        larger.append(f"train.epochs={2 * epochs}")
     return (
         f"nothing to train: the run in '{folder}' is complete ({state.epoch} epochs, {state.step} steps; {budget}); "
-        "its files are unchanged. To train on, resume with a larger train.epochs or train.max_steps "
-        f"(trainer resume {folder} train.epochs={built.settings.epochs * 2})"
+        f"its files are unchanged. To train on, resume with a larger budget: trainer resume {folder} {' '.join(larger)}"
     )
 
 
