@@ -163,6 +163,21 @@ def test_a_file_that_is_not_a_checkpoint_says_so(tmp_path, content, says):
     assert str(info.value) == says.format(path)  # not "cannot be loaded safely: it holds pickled Python objects"
 
 
+def test_a_checkpoint_that_cannot_be_opened_names_the_reason(tmp_path, monkeypatch):
+    import trainer.checkpoint
+
+    path = tmp_path / "last.pt"
+    atomic_save(training_state(), path)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")  # what a file of another user gives
+
+    monkeypatch.setattr(trainer.checkpoint, "open", refuse, raising=False)
+    with pytest.raises(UsageError) as info:
+        load_checkpoint(path)
+    assert str(info.value) == f"checkpoint '{path}' cannot be read: Permission denied"
+
+
 def test_a_missing_file_is_a_usage_error(tmp_path):
     path = tmp_path / "nope.pt"
     with pytest.raises(UsageError) as info:

@@ -190,6 +190,40 @@ def test_the_lock_goes_with_its_process_not_with_the_children_it_forked(tmp_path
         holder.kill()
 
 
+def test_without_fcntl_there_is_no_lock_and_no_lock_file(tmp_path, monkeypatch):
+    import sys
+
+    from trainer.runs import lock_run_folder
+
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # as on Windows: the import fails
+    assert lock_run_folder(tmp_path) is None
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_a_runs_root_that_cannot_be_written_is_refused(tmp_path):
+    parent = tmp_path / "runs" / "x"
+    parent.mkdir(parents=True)
+    _make_read_only(parent)
+    try:
+        with pytest.raises(UsageError, match=f"cannot create the run folder under '{parent}'"):
+            create_run_dir("x", root=tmp_path / "runs")
+    finally:
+        subprocess.run(["chattr", "-i", str(parent)], capture_output=True)
+        parent.chmod(0o755)
+
+
+def test_nothing_to_train_names_the_default_budget_when_none_is_given():
+    from types import SimpleNamespace
+
+    from trainer.engine import LoopSettings, TrainState
+    from trainer.runs import _nothing_to_train
+
+    built = SimpleNamespace(config=SimpleNamespace(train=SimpleNamespace(epochs=None, max_steps=None)), settings=LoopSettings(epochs=10))
+    note = _nothing_to_train(Path("run"), TrainState(step=40, epoch=10), built)
+    assert "(10 epochs, 40 steps; train.epochs=10, the default)" in note
+    assert note.endswith("trainer resume run train.epochs=20")
+
+
 def test_a_run_folder_that_cannot_be_written_is_refused_before_training(tmp_path):
     folder = tmp_path / "run"
     (folder / ".lock").mkdir(parents=True)  # what the lock file would be cannot be opened for writing

@@ -286,6 +286,10 @@ class LoopSettings:
         steps = self.epochs * steps_per_epoch
         return steps if self.max_steps is None else min(steps, self.max_steps)
 
+    def done(self, state: TrainState, steps_per_epoch: int) -> bool:
+        """Whether `state` has reached the end of the run: its epochs, or its last step."""
+        return state.epoch >= self.epochs or state.step >= self.last_step(steps_per_epoch)
+
 
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all devices) so a run repeats exactly."""
@@ -442,7 +446,7 @@ def fit(
     # and the shares may differ in length by a batch
     eval_model = model.module if dist is not None else model
     last_step = settings.last_step(len(train_batches))
-    while state.epoch < settings.epochs and state.step < last_step:
+    while not settings.done(state, len(train_batches)):
         started = time.perf_counter()
         if tracker is not None:
             tracker.epoch_started(epoch=state.epoch + 1, epochs=settings.epochs, steps=len(train_batches))

@@ -98,10 +98,7 @@ def lock_run_folder(folder: Path) -> int | None:
 def started_in(folder: Path) -> Path | None:
     """The working folder a run was started in (env.json's `cwd`), if it still exists: the folder its
     config's relative data paths are read from when the run is resumed or evaluated from elsewhere."""
-    try:
-        cwd = json.loads((Path(folder) / "env.json").read_text(encoding="utf-8")).get("cwd")
-    except (OSError, ValueError, AttributeError):
-        return None
+    cwd = _read_json(Path(folder) / "env.json").get("cwd")
     return Path(cwd) if isinstance(cwd, str) and Path(cwd).is_dir() else None
 
 
@@ -294,9 +291,8 @@ def _execute_run(
         refuse_changed_run(payload["config"], built.config.model_dump(mode="json"), checkpoint, force=force)
         _lock(folder, cleanup, dist)
         state = restore(built, payload, checkpoint)
-        done = not (state.epoch < built.settings.epochs and state.step < built.settings.last_step(len(built.train_batches)))
-        recorded = _read_summary(folder)
-        if done and recorded.get("status") == "completed" and recorded.get("steps") == state.step:
+        recorded = _read_json(folder / "summary.json")
+        if built.settings.done(state, len(built.train_batches)) and recorded.get("status") == "completed" and recorded.get("steps") == state.step:
             # a finished run resumed again (a script that re-runs --resume auto until done): leave it as it is;
             # an interrupted one whose budget was lowered below its steps goes on, to be recorded as completed
             if dist is not None:
@@ -440,26 +436,23 @@ def _execute_run(
 
 def _lock(folder: Path, cleanup: contextlib.ExitStack, dist: Any) -> None:
     """Lock the run folder (rank 0 does, for all ranks) until `cleanup` closes; a refusal is raised on every rank."""
-    error = None
-    if dist is None or dist.is_main:
-        try:
-            fd = lock_run_folder(folder)
-        except UsageError as err:
-            error = str(err)
-        else:
-            if fd is not None:
-                cleanup.callback(os.close, fd)
-    if dist is not None:
-        error = dist.broadcast(error)
-    if error:
-        raise UsageError(error)
+
+    def take() -> Path:
+        fd = lock_run_folder(folder)
+        if fd is not None:
+            cleanup.callback(os.close, fd)
+        return folder
+
+    _shared(dist, take)
 
 
-def _read_summary(folder: Path) -> dict[str, Any]:
+def _read_json(path: Path) -> dict[str, Any]:
+    """A run folder's JSON file (env.json, summary.json) as a dict; {} when it is missing or not one."""
     try:
-        return json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _nothing_to_train(folder: Path, state: Any, built: Any) -> str:
@@ -755,10 +748,7 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 def _note_resume(folder: Path, checkpoint: Path, step: int) -> None:
     """Record the resume in env.json next to the original command."""
     path = folder / "env.json"
-    try:
-        env = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        env = {}
+    env = _read_json(path)
     env.setdefault("resumes", []).append(
         {"command": sys.argv, "from": str(checkpoint), "step": step, "time": datetime.now().astimezone().isoformat(timespec="seconds")}
     )
