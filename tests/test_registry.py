@@ -1,5 +1,6 @@
 """Tests for trainer.registry: names, aliases, close-match messages, kwargs checks and coercion."""
 
+import typing
 from typing import Literal, Union
 
 import pytest
@@ -162,6 +163,10 @@ def test_values_are_coerced_to_the_parameter_type(reg, key, given, expected):
         ("betas", 0.9, "expects a list, got 0.9"),
         ("betas", [0.9, 0.99, 0.999], "expects a list of 2 values"),
         ("betas", [0.9, "x"], "expects a number, got 'x'"),
+        ("betas", ["x"], "expects a list of 2 values, got ['x']"),  # the length first, then the items
+        ("betas", {0.9, "x"}, "expects a list, got"),  # a YAML !!set
+        ("steps", float("inf"), "expects a whole number, got inf"),  # "finite" is for float arguments
+        ("steps", "1e3", "expects a whole number, got '1e3'"),  # as train.epochs: pydantic reads no exponent
     ],
 )
 def test_bad_values_are_problems_naming_the_argument(reg, key, given, phrase):
@@ -234,6 +239,21 @@ def test_float_or_tensor_union_as_torch_annotates_lr():
     assert isinstance(coerced["lr"], float)
     _, problems = reg.check_kwargs("opt", {"lr": "fast"})
     assert problems == [("lr", "opt() argument 'lr' expects a number, got 'fast'")]
+
+
+def test_tensor_and_callable_arguments_pass_unchecked_and_a_list_of_tensors_must_be_a_list():
+    reg = Registry("loss")
+
+    @reg.register("l")
+    def l(weight: torch.Tensor | None = None, fn: typing.Callable | None = None, ws: list[torch.Tensor] = ()):
+        return weight
+
+    assert reg.check_kwargs("l", {"weight": [1, 2], "fn": "abs", "ws": [[1]]}) == (
+        {"weight": [1, 2], "fn": "abs", "ws": [[1]]},
+        [],
+    )
+    _, problems = reg.check_kwargs("l", {"ws": 3})
+    assert problems == [("ws", "l() argument 'ws' expects a list, got 3")]
 
 
 @pytest.mark.parametrize(

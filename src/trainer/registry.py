@@ -11,12 +11,15 @@ single decorated function or class:
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import math
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Annotated, Any, Callable, Iterator
+
+from pydantic import BeforeValidator, FiniteFloat, StrictBool, StrictStr, TypeAdapter, ValidationError
 
 
 class RegistryError(ValueError):
@@ -230,147 +233,114 @@ class Registry:
 
 
 # ---------------------------------------------------------------------------------------------
-# coercion of YAML values to constructor parameter types
-
-_NONE = type(None)
+# coercion of YAML values to constructor parameter types, by pydantic
 
 
-def _describe(annotation: Any) -> str:
-    if annotation is float:
-        return "a number"
-    if annotation is int:
-        return "a whole number"
-    if annotation is bool:
-        return "true or false"
-    if annotation is str:
-        return "a string"
-    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+def _not_a_bool(value: Any) -> Any:
+    if isinstance(value, bool):  # pydantic's lax int and float read true as 1
+        raise ValueError("a bool")
+    return value
+
+
+def _whole_number_input(value: Any) -> Any:
+    # `.inf` for an int says it expects a whole number; only a float argument "must be a finite number"
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("not finite")
+    return _not_a_bool(value)
+
+
+# what pydantic checks in place of each scalar: ints take "3" and 3.0, floats take "3e-4" (a string to
+# PyYAML) but not nan or inf, and neither takes true; a bool is only true or false
+_SCALARS: dict[Any, Any] = {
+    bool: StrictBool,
+    int: Annotated[int, BeforeValidator(_whole_number_input)],
+    float: Annotated[FiniteFloat, BeforeValidator(_not_a_bool)],
+    str: StrictStr,
+    types.NoneType: types.NoneType,
+}
+_UNIONS = (typing.Union, types.UnionType)
+_WORDS = {int: "a whole number", float: "a number", bool: "true or false", str: "a string", types.NoneType: "null"}
 
 
 def coerce(value: Any, param: inspect.Parameter, annotation: Any = None) -> Any:
     """Coerce a YAML value to what `param` expects: from its annotation, else from its default.
 
-    PyYAML reads `3e-4` as a string; a float parameter must still accept it. Raises ValueError
-    with a short phrase ("expects a number, got 'abc'") when the value cannot be coerced.
+    Raises ValueError with a short phrase ("expects a number, got 'abc'") when the value cannot be coerced.
     """
     if annotation is None and param.annotation is not inspect.Parameter.empty and not isinstance(param.annotation, str):
         annotation = param.annotation
-    if annotation is not None:
-        try:
-            return _coerce_to(value, annotation)
-        except _Unsupported:
-            pass
+    checked = _checkable(annotation) if annotation is not None else None
     default = param.default
-    if default is inspect.Parameter.empty or default is None or value is None:
+    if checked is None and default is not inspect.Parameter.empty and default is not None and value is not None:
+        checked = _checkable(type(default))
+    if checked is None:
         return value
     try:
-        return _coerce_to(value, type(default))
-    except _Unsupported:
-        return value
+        return _adapter(checked).validate_python(value)
+    except ValidationError as err:
+        raise ValueError(_problem(checked, value, err.errors())) from None
 
 
-class _Unsupported(Exception):
-    """The annotation is too exotic to check; pass the value through unchanged."""
+def _checkable(annotation: Any) -> Any:
+    """`annotation` as pydantic is to check it, without what no YAML value can be (a tensor, a callable);
+    None when nothing in it is left to check."""
+    if isinstance(annotation, type) and annotation in _SCALARS:  # (a plugin's annotation may not hash)
+        return _SCALARS[annotation]
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any or origin is typing.Literal or annotation in (list, tuple):
+        return annotation
+    if origin in _UNIONS:
+        members = [m for m in map(_checkable, args) if m is not None]
+        # `lr: float | Tensor` checks the float; `weight: Tensor | None` is left to the constructor
+        return typing.Union[tuple(members)] if any(m is not types.NoneType for m in members) else None
+    if origin in (list, tuple) and args:
+        items = [a if a is Ellipsis else _checkable(a) for a in args]
+        return origin if None in items else origin[tuple(items)]  # a list of tensors: at least a list
+    return None
 
 
-class _NotFinite(ValueError):
-    """A number where a float goes, but nan or infinite: said as such, also when a union has other members."""
+@functools.lru_cache(maxsize=None)
+def _adapter(checkable: Any) -> TypeAdapter:
+    return TypeAdapter(checkable)
 
 
-def _coerce_to(value: Any, annotation: Any) -> Any:
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if annotation is Any:
-        return value
-    if origin is typing.Union or origin is types.UnionType:
-        if value is None and _NONE in args:
-            return None
-        checkable = []
-        not_finite = None
-        # plain scalars first so "3" for int | float becomes 3, not 3.0
-        for arg in sorted((a for a in args if a is not _NONE), key=_scalar_rank):
-            try:
-                return _coerce_to(value, arg)
-            except _NotFinite as err:
-                not_finite = err
-                checkable.append(arg)
-            except ValueError:
-                checkable.append(arg)
-            except _Unsupported:
-                pass  # a tensor or callable alternative: nothing in YAML can be one
-        if not_finite is not None:
-            raise not_finite  # `lr: .nan` for float | Tensor: the number is the problem, not its type
-        if not checkable:
-            return value
-        wanted = " or ".join(_describe(a) for a in checkable)
-        raise ValueError(f"expects {wanted}, got {value!r}")
+def _problem(annotation: Any, value: Any, errors: list[Any]) -> str:
+    """Pydantic's first error as a phrase: what the annotation expects where the value went wrong."""
+    # a list of the wrong length is said before what is wrong in its items; a nan or inf number before
+    # its type, also where a union has other members
+    first = min(errors, key=lambda e: (e["type"] not in ("missing", "too_long"), e["type"] != "finite_number"))
+    if first["type"] == "finite_number":
+        shown = first["input"] if isinstance(first["input"], float) else repr(first["input"])
+        return f"must be a finite number, got {shown}"
+    for step in first["loc"]:  # list and tuple items by index; a union's member (by name) ends the walk
+        annotation = _core(annotation)
+        if not (isinstance(step, int) and isinstance(value, (list, tuple)) and step < len(value)):
+            break  # (pydantic also reads a YAML !!set as a list)
+        items = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+        annotation, value = items[min(step, len(items) - 1)], value[step]
+    annotation = _core(annotation)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return f"expects a number, got one too large for a float: {str(value)[:20]}..."
+    return f"expects {_describe(annotation, value)}, got {value!r}"
+
+
+def _core(annotation: Any) -> Any:
+    """The type behind pydantic's metadata (Annotated) and an Optional's None."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    members = [a for a in typing.get_args(annotation) if a is not types.NoneType]
+    return _core(members[0]) if typing.get_origin(annotation) in _UNIONS and len(members) == 1 else annotation
+
+
+def _describe(annotation: Any, value: Any) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is typing.Literal:
-        if value in args:
-            return value
-        raise ValueError(f"expects one of {', '.join(repr(a) for a in args)}, got {value!r}")
-    if origin in (list, tuple, typing.Sequence) or annotation in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"expects a list, got {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(args) != len(value):
-                raise ValueError(f"expects a list of {len(args)} values, got {value!r}")
-            items = [_coerce_to(v, a) for v, a in zip(value, args)]
-        elif args:
-            items = [_coerce_to(v, args[0]) for v in value]
-        else:
-            items = list(value)
-        return tuple(items) if (origin is tuple or annotation is tuple) else items
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"expects true or false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, bool):
-            raise ValueError(f"expects a whole number, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-            try:
-                as_float = float(value)
-            except ValueError:
-                as_float = None
-            if as_float is not None and as_float.is_integer():
-                return int(as_float)
-        raise ValueError(f"expects a whole number, got {value!r}")
-    if annotation is float:
-        if isinstance(value, bool):
-            raise ValueError(f"expects a number, got {value!r}")
-        try:
-            if isinstance(value, (int, float, str)):
-                number = float(value)
-                if not math.isfinite(number):  # `.nan`, `.inf`, or "1e400" (a string to PyYAML) read as inf
-                    shown = value if isinstance(value, float) else repr(value)
-                    raise _NotFinite(f"must be a finite number, got {shown}")
-                return number
-        except _NotFinite:
-            raise
-        except ValueError:
-            pass
-        except OverflowError:
-            raise ValueError(f"expects a number, got one too large for a float: {str(value)[:20]}...") from None
-        raise ValueError(f"expects a number, got {value!r}")
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        raise ValueError(f"expects a string, got {value!r}")
-    if annotation is _NONE:
-        if value is None:
-            return None
-        raise ValueError(f"expects null, got {value!r}")
-    raise _Unsupported(annotation)
-
-
-def _scalar_rank(annotation: Any) -> int:
-    order = {bool: 0, int: 1, float: 2, str: 4}
-    return order.get(annotation, 3)
+        return f"one of {', '.join(map(repr, args))}"
+    if origin in _UNIONS:
+        members = sorted((_core(a) for a in args if a is not types.NoneType), key=lambda m: m not in _WORDS)
+        return " or ".join(_WORDS.get(m) or getattr(m, "__name__", str(m)) for m in members)
+    if origin is tuple and args[-1] is not Ellipsis and isinstance(value, (list, tuple)):
+        return f"a list of {len(args)} values"
+    if origin in (list, tuple) or annotation in (list, tuple):
+        return "a list"
+    return _WORDS.get(annotation, str(annotation))
