@@ -6,7 +6,7 @@ from typing import Literal, Union
 import pytest
 import torch
 
-from trainer.registry import Registry, RegistryError
+from trainer.registry import Registry, RegistryError, doc_summary
 
 
 def make_registry() -> Registry:
@@ -44,6 +44,33 @@ def test_get_returns_the_registered_factory_and_description(reg):
     assert reg.get("sgd").description == "plain SGD"
     assert reg.names() == ["adamw", "sgd"]
     assert len(reg) == 2
+
+
+def test_description_is_the_first_sentence_even_where_it_wraps():
+    reg = Registry("model")
+
+    @reg.register("net")
+    def net():
+        """A small net for the tests, whose first sentence
+        runs on to a second line. More text.
+
+        Not the description either.
+        """
+
+    assert reg.get("net").description == "A small net for the tests, whose first sentence runs on to a second line."
+
+
+def test_doc_summary_cuts_a_long_sentence_at_a_word_with_an_ellipsis():
+    class Loss:
+        """Creates a criterion that measures the loss given :math:`x` and `y`
+        (e.g. the L1 distance), and more after that.
+        """
+
+    whole = "Creates a criterion that measures the loss given x and y (e.g. the L1 distance), and more after that."
+    assert doc_summary(Loss) == whole
+    assert doc_summary(Loss, limit=80) == whole[:79] + "…"  # the comma after "distance)" goes with the cut
+    assert doc_summary(Loss, limit=60) == "Creates a criterion that measures the loss given x and y…"
+    assert doc_summary(lambda: None) == ""
 
 
 def test_register_returns_the_function_unchanged():

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from trainer.errors import first_line
-from trainer.registry import Registry
+from trainer.registry import Registry, doc_summary
 
 LOSSES = Registry("loss", plural="losses")
 OPTIMIZERS = Registry("optimizer")
@@ -38,12 +38,9 @@ def snake_case(name: str) -> str:
     return name.lower()
 
 
-def _first_doc_line(cls: type, fallback: str) -> str:
-    lines = (inspect.getdoc(cls) or "").strip().splitlines()
-    line = lines[0].strip() if lines else ""
-    # torch docstrings often start with a reST role or run on; keep the console listing tidy
-    line = re.sub(r":(class|func|math|attr):`~?([^`]*)`", r"\2", line)
-    return (line[:90] + "...") if len(line) > 93 else (line or fallback)
+def _description(cls: type) -> str:
+    # torch's first sentences run long (formulas, caveats): cut them to keep `trainer list` one line a row
+    return doc_summary(cls, limit=90) or cls.__name__
 
 
 def _register_losses() -> None:
@@ -52,7 +49,7 @@ def _register_losses() -> None:
             continue
         if not cls_name.endswith("Loss") or cls_name in _NOT_CONFIGURABLE:
             continue
-        LOSSES.add(snake_case(cls_name[: -len("Loss")]), cls, description=_first_doc_line(cls, cls_name))
+        LOSSES.add(snake_case(cls_name[: -len("Loss")]), cls, description=_description(cls))
 
 
 def _register_optimizers() -> None:
@@ -62,7 +59,7 @@ def _register_optimizers() -> None:
             continue
         if cls_name in _NOT_CONFIGURABLE:
             continue
-        OPTIMIZERS.add(cls_name.lower(), cls, description=_first_doc_line(cls, cls_name), skip_params=_RUNNER_FILLED)
+        OPTIMIZERS.add(cls_name.lower(), cls, description=_description(cls), skip_params=_RUNNER_FILLED)
 
 
 def _register_schedulers() -> None:
@@ -77,7 +74,7 @@ def _register_schedulers() -> None:
         name = snake_case(cls_name[:-2] if cls_name.endswith("LR") else cls_name)
         aliases = ["cosine"] if name == "cosine_annealing" else []
         SCHEDULERS.add(
-            name, cls, description=_first_doc_line(cls, cls_name), aliases=aliases, skip_params=_RUNNER_FILLED
+            name, cls, description=_description(cls), aliases=aliases, skip_params=_RUNNER_FILLED
         )
 
 

@@ -14,6 +14,7 @@ import difflib
 import functools
 import inspect
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,6 +35,18 @@ def close_match(word: str, choices: typing.Iterable[str]) -> str | None:
     """The closest of `choices` to `word`, if any is close enough to be a likely typo."""
     matches = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
     return matches[0] if matches else None
+
+
+def doc_summary(obj: Any, limit: int | None = None) -> str:
+    """The first sentence of `obj`'s docstring on one line; past `limit` characters, cut at a word with "…"."""
+    paragraph = " ".join((inspect.getdoc(obj) or "").strip().split("\n\n")[0].split())
+    paragraph = re.sub(r":\w+:`~?([^`]*)`|`([^`]*)`_?", r"\1\2", paragraph)  # reST roles and literals, as in torch's
+    # a sentence ends at a full stop before a capital or the end, not inside "e.g. the"
+    sentence = re.match(r".*?[.!?](?=\s+[^a-z]|$)", paragraph)
+    text = sentence.group() if sentence else paragraph
+    if limit is None or len(text) <= limit:
+        return text
+    return text[: limit + 1].rsplit(" ", 1)[0].rstrip(",;:") + "…"
 
 
 @dataclass
@@ -141,14 +154,13 @@ class Registry:
         skip_params: typing.Sequence[str] = (),
         **info: Any,
     ) -> None:
-        """Register `factory` under `name` (and `aliases`); the first docstring line is the default description."""
+        """Register `factory` under `name` (and `aliases`); by default its docstring's first sentence describes it."""
         if name in self._entries or name in self._aliases:
             raise ValueError(f"{self.kind} '{name}' is already registered")
-        doc = (inspect.getdoc(factory) or "").strip().splitlines()
         self._entries[name] = Entry(
             name=name,
             factory=factory,
-            description=description or (doc[0] if doc else ""),
+            description=description or doc_summary(factory),
             info=dict(info),
             skip_params=tuple(skip_params),
         )
