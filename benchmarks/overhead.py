@@ -34,6 +34,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from loops import bare_loop, slices  # noqa: E402,F401  (epochs.py and instructions.py import them from here)
+
 BATCH = 64
 MODELS = {
     # name: (trainer model config, input shape, classes or None for regression)
@@ -86,35 +89,6 @@ def hand_loop(model: str, steps: int, epoch_batches, clock=time.perf_counter) ->
     net, loss_fn = build_model(model), loss_for(model)
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
     return bare_loop(net, loss_fn, opt, steps, lambda epoch: epoch_batches(x, y, epoch), clock)
-
-
-def bare_loop(net, loss_fn, opt, steps: int, epoch_batches, clock=time.perf_counter) -> float:
-    """`steps` optimizer steps over `epoch_batches(epoch)`, epoch after epoch, and nothing else:
-    seconds between the two `clock()` calls."""
-    done, epoch = 0, 0
-    start = clock()
-    while done < steps:
-        for xb, yb in epoch_batches(epoch):
-            loss = loss_fn(net(xb), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            done += 1
-            if done == steps:
-                break
-        epoch += 1
-    loss.item()  # wait for the device, as the others do at their end
-    return clock() - start
-
-
-def slices(x, y, epoch: int):
-    """Batches sliced from the tensors with a seeded permutation."""
-    import torch
-
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
-    for i in range(0, len(x), BATCH):
-        idx = perm[i : i + BATCH]
-        yield x[idx], y[idx]
 
 
 def run_slicing(model: str, steps: int) -> float:
