@@ -138,19 +138,22 @@ def run_config(config, *, quiet: bool = False, saves: bool = True) -> tuple[floa
     shows what they cost)."""
     from rich.console import Console
 
+    import trainer.checkpoint
     import trainer.runs
     from trainer.runs import execute_run
 
-    save = trainer.runs.Checkpoints.save
+    # in trainer.checkpoint since the runs.py split; in trainer.runs before it
+    checkpoints = getattr(trainer.runs, "Checkpoints", None) or trainer.checkpoint.Checkpoints
+    save = checkpoints.save
     if not saves:
-        trainer.runs.Checkpoints.save = lambda self, state, best=False: None
+        checkpoints.save = lambda self, state, best=False: None
     try:
         with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as devnull:
             console = Console(file=devnull, force_terminal=False)
             result = execute_run(config, root=Path(tmp), quiet=quiet, tensorboard=not quiet, console=console)
             saved = len(list(result.run_dir.glob("checkpoints/*.pt")))
     finally:
-        trainer.runs.Checkpoints.save = save
+        checkpoints.save = save
     assert result.status == "completed", result.error
     return result.summary["train_time_s"], saved
 
