@@ -98,3 +98,38 @@ def test_breakdown_prints_every_part():
     assert out.returncode == 0, out.stderr
     rows = first_column(out.stdout)
     assert rows == ["variant", "slicing", "data", "fit-one-log", "fit", "quiet-no-saves", "quiet", "trainer"]
+
+
+# the new configs/mlp.yaml (one sample, full batch, no validation): no-ops once it is in
+MLP_AS_TWINS = ["data.size=1", "data.batch_size=1", "data.val_fraction=0"]
+
+
+@pytest.mark.parametrize(
+    "name,max_steps",
+    [("linear_regression", None), ("sqrt2", None), ("mlp", 25), ("two_layer_net", 25), ("lenet", 25), ("convnet", 25)],
+)  # 25 steps: LeNet's and ConvNet's second epoch (23 steps each), after a validation and a schedule step
+def test_twin_ends_with_the_parameters_of_its_trainer_run(tmp_path, name, max_steps):
+    # the same model, data, seed and steps: the same numbers, bit for bit
+    import torch
+
+    from trainer.config import load_config
+    from trainer.runs import execute_run
+
+    sys.path.insert(0, str(BENCHMARKS))
+    from twins import TWINS
+
+    overrides = (MLP_AS_TWINS if name == "mlp" else []) + ([f"train.max_steps={max_steps}"] if max_steps else [])
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml", overrides)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the digits models at two threads on two busy cores: ten times slower
+    try:
+        result = execute_run(config, root=tmp_path, quiet=True, tensorboard=False)
+        twin = TWINS[name](max_steps)
+    finally:
+        torch.set_num_threads(threads)
+    saved = torch.load(result.run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert twin.steps == result.summary["steps"]
+    assert len(twin.params) == len(saved)
+    for (key, ours), theirs in zip(saved.items(), twin.params):
+        assert torch.equal(ours, theirs), key
+
