@@ -11,7 +11,7 @@ from torch import nn
 
 from trainer.data import TensorBatches
 from trainer.device import resolve_precision
-from trainer.engine import LoopSettings, TrainState, evaluate, fit, fold_pending, seed_everything, update_best
+from trainer.engine import LoopSettings, TrainState, evaluate, fit, seed_everything, update_best
 from trainer.errors import TrainingFailed
 
 FP32 = resolve_precision("fp32", torch.device("cpu"))
@@ -85,9 +85,9 @@ def test_logged_loss_is_the_mean_over_the_window():
     assert tracker.epochs[0]["train_loss"] == pytest.approx(sum(v * v for v in range(6)) / 6)
 
 
-def test_a_checkpoint_between_log_points_holds_the_kept_losses_as_plain_tensors():
-    # the loop keeps each step's own loss tensor (no per-step detach); what a checkpoint saves of
-    # them must load with weights_only=True as plain values, with no graph attached
+def test_a_checkpoint_between_log_points_holds_the_loss_sum_as_a_plain_tensor():
+    # what a checkpoint saves of the losses since the last log point must load with
+    # weights_only=True, with no graph attached
     import io
 
     model = nn.Linear(1, 1)
@@ -107,82 +107,36 @@ def test_a_checkpoint_between_log_points_holds_the_kept_losses_as_plain_tensors(
         LoopSettings(epochs=1, log_every=4), precision=FP32, after_step=after_step,
     )  # fmt: skip
     saved.seek(0)
-    kept = torch.load(saved, weights_only=True)["running"]["pending"]
-    assert [t.item() for t in kept] == [0.0, 1.0, 4.0]  # steps 1-3: squared errors y^2
-    assert not any(t.requires_grad or t.grad_fn is not None for t in kept)
+    running = torch.load(saved, weights_only=True)["running"]
+    assert running["pending"].item() == 0.0 + 1.0 + 4.0  # steps 1-3: squared errors y^2
+    assert running["pending_batches"] == 3 and running["pending_first_step"] == 1
+    assert not running["pending"].requires_grad and running["pending"].grad_fn is None
 
 
-def saved_objects(state: TrainState) -> int:
-    """How many objects torch.save pickles for `state.to_dict()` (it calls back into Python for each)."""
-    import io
-    import pickle
-
-    class Counting(pickle.Pickler):
-        count = 0
-
-        def persistent_id(self, obj):
-            Counting.count += 1
-            return None
-
-    Counting(io.BytesIO()).dump(state.to_dict())
-    return Counting.count
-
-
-def test_a_checkpoint_of_a_long_run_pickles_no_more_objects_than_a_short_one():
-    # runs of many tiny epochs (the seed experiments: 200-500 one-step epochs) save at every epoch
-    # end; when each save pickled the whole history as dicts, the saves grew with the epochs
-    def trained(epochs: int) -> TrainState:
-        model = nn.Linear(3, 1)
-        return fit(
-            model, regression_data(), regression_data(seed=1), nn.MSELoss(),
-            torch.optim.SGD(model.parameters(), lr=0.01), LoopSettings(epochs=epochs), precision=FP32,
-        )  # fmt: skip
-
-    short, long = trained(2), trained(40)
-    assert len(long.history) == 40
-    assert saved_objects(long) == saved_objects(short)
-    # and the history comes back whole, however often it was saved
-    long.to_dict()
-    again = TrainState.from_dict(long.to_dict())
-    assert again.history == long.history and again.history[-1]["step"] == long.step
-
-
-def test_train_state_reads_the_history_of_earlier_checkpoints():
-    # format 1 kept the history as a list of dicts
-    old = TrainState(step=10, epoch=2, history=[{"epoch": 1, "step": 5}, {"epoch": 2, "step": 10}]).to_dict()
-    old["history"] = [{"epoch": 1, "step": 5}, {"epoch": 2, "step": 10}]
+def test_a_state_from_an_earlier_checkpoint_format_resumes_its_window():
+    # formats 1-2 kept a history (a list, then JSON text) and each pending step's loss
+    old = {
+        "step": 12, "epoch": 2, "batch_in_epoch": 0, "train_loss": 0.5, "val": {}, "best": {"train_loss": 0.5},
+        "history": '[{"epoch": 1}, {"epoch": 2}]', "best_checkpoint": 0.5,
+        "running": {"pending": [torch.tensor(1.0), torch.tensor(3.0)], "pending_first_step": 11, "window_loss": 4.0,
+                    "epoch_loss": 0.0, "window_batches": 2, "window_samples": 16, "epoch_batches": 0,
+                    "grad_norm": torch.zeros(())},
+    }  # fmt: skip
     state = TrainState.from_dict(old)
-    assert state.history == [{"epoch": 1, "step": 5}, {"epoch": 2, "step": 10}]
-    state.history.append({"epoch": 3, "step": 15})
-    assert TrainState.from_dict(state.to_dict()).history[-1] == {"epoch": 3, "step": 15}
-
-
-def test_train_state_encodes_a_replaced_history_anew():
-    state = TrainState(history=[{"epoch": 1, "val_loss": 0.5}, {"epoch": 2, "val_loss": 0.4}])
-    state.to_dict()
-    state.history = [{"epoch": 1, "val_loss": 0.25}]  # shorter
-    assert TrainState.from_dict(state.to_dict()).history == [{"epoch": 1, "val_loss": 0.25}]
-    state.history = [{"epoch": 1, "val_loss": 0.125}, {"epoch": 2, "val_loss": 0.0625}]  # as long or longer
-    assert TrainState.from_dict(state.to_dict()).history == state.history
-    state.history[-1] = {"epoch": 2, "val_loss": 0.03125}  # the last record swapped for another
-    assert TrainState.from_dict(state.to_dict()).history == state.history
-    state.history.append({"epoch": 3, "val_loss": float("inf"), "train_loss": float("nan")})  # a diverged epoch
-    last = TrainState.from_dict(state.to_dict()).history[-1]
-    assert last["val_loss"] == float("inf") and math.isnan(last["train_loss"])
-
-
-def test_train_state_encodes_each_epoch_once():
-    import json
-    from unittest import mock
-
-    state = TrainState()
-    with mock.patch("trainer.engine.json.dumps", wraps=json.dumps) as dumps:
-        for epoch in range(1, 6):
-            state.history.append({"epoch": epoch})
-            state.to_dict()
-            state.to_dict()  # a second save in the same epoch (checkpoint_every) encodes nothing new
-    assert [c.args[0]["epoch"] for c in dumps.call_args_list] == [1, 2, 3, 4, 5]
-    assert TrainState.from_dict(state.to_dict()).history == [{"epoch": e} for e in range(1, 6)]
+    assert state.step == 12 and not hasattr(state, "history")
+    x = torch.zeros(48, 1)  # 6 steps an epoch: step 12 ends epoch 2
+    model = nn.Linear(1, 1)
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.zero_()
+    tracker = Recorder()
+    fit(
+        model, TensorBatches(x, torch.zeros(48, 1), batch_size=8, shuffle=False, seed=0), None, nn.MSELoss(),
+        torch.optim.SGD(model.parameters(), lr=0.0), LoopSettings(epochs=3, log_every=5), precision=FP32,
+        state=state, tracker=tracker,
+    )  # fmt: skip
+    # step 15 logs the window of steps 9-15: 4.0 read before, the pending 1 + 3, and steps 13-15's 0
+    assert tracker.train[0]["step"] == 15 and tracker.train[0]["loss"] == pytest.approx(8.0 / 7)
 
 
 def test_max_steps_stops_mid_epoch_and_logs_the_last_step():
@@ -221,14 +175,15 @@ def test_validation_accuracy_and_best_metrics():
     state = fit(
         model, classification_data(), classification_data(seed=1), nn.CrossEntropyLoss(),
         torch.optim.SGD(model.parameters(), lr=0.5), LoopSettings(epochs=5, log_every=3, classification=True),
-        precision=FP32, tracker=tracker, on_epoch_end=lambda s, better: improved.append(better),
+        precision=FP32, tracker=tracker, on_epoch_end=lambda s, metrics: improved.append(dict(metrics)),
     )  # fmt: skip
     assert [v["step"] for v in tracker.val] == [6, 12, 18, 24, 30]
     assert state.val["accuracy"] >= 0.9
     assert state.best["val_accuracy"] == max(v["metrics"]["accuracy"] for v in tracker.val)
     assert state.best["val_loss"] == min(v["metrics"]["loss"] for v in tracker.val)
-    assert improved[0] == {"train_loss", "val_loss", "val_accuracy"} and len(improved) == 5
-    assert len(state.history) == 5 and state.history[-1]["step"] == 30
+    # the epoch-end hook gets each epoch's metrics
+    assert len(improved) == 5 and set(improved[0]) == {"train_loss", "val_loss", "val_accuracy"}
+    assert [m["val_accuracy"] for m in improved] == [v["metrics"]["accuracy"] for v in tracker.val]
 
 
 def test_evaluate_matches_a_hand_computation():
@@ -251,15 +206,18 @@ def test_non_finite_loss_stops_the_run_naming_the_step():
         )  # fmt: skip
 
 
-@pytest.mark.parametrize("log_every", [1, 4, 100])
-def test_non_finite_loss_names_its_exact_step_wherever_the_log_point_falls(log_every):
+@pytest.mark.parametrize(
+    ("log_every", "where"), [(1, "at step 7"), (4, "between steps 5 and 8"), (100, "between steps 1 and 10")]
+)
+def test_non_finite_loss_names_the_steps_it_was_read_from(log_every, where):
     # batch size 1, no shuffle: sample 6 is inf, so step 7 is the first non-finite loss, and every
-    # later loss is NaN too (the update at step 7 poisons the weights)
+    # later loss is NaN too (the update at step 7 poisons the weights). The losses are read at log
+    # points and epoch ends (10 steps), so the message names the steps read there
     x = torch.arange(10, dtype=torch.float32).unsqueeze(1)
     x[6] = math.inf
     model = nn.Linear(1, 1)
     tracker = Recorder()
-    with pytest.raises(TrainingFailed, match=r"not finite at step 7;"):
+    with pytest.raises(TrainingFailed, match=rf"not finite {where};"):
         fit(
             model, TensorBatches(x, 2 * x, batch_size=1, shuffle=False, seed=0), None, nn.MSELoss(),
             torch.optim.SGD(model.parameters(), lr=1e-3), LoopSettings(epochs=3, log_every=log_every),
@@ -357,21 +315,6 @@ def test_host_syncs_scale_with_log_points_not_steps(monkeypatch):
     )  # fmt: skip
     # 100 steps, 4 log points; the epoch's mean adds no read, as its last step was a log point
     assert calls["item"] == 4
-
-
-def test_a_log_point_read_records_no_graph_and_leaves_grad_mode_on():
-    weight = torch.ones((), requires_grad=True)
-    running = {"pending": [weight * 2, weight * 3], "pending_first_step": 1, "window_loss": 0.0, "epoch_loss": 0.0,
-               "window_batches": 0, "epoch_batches": 0}  # fmt: skip
-    losses, first = fold_pending(running)
-    assert not losses.requires_grad and losses.tolist() == [2.0, 3.0] and first == 1
-    assert running["window_loss"] == 5.0 and running["pending"] == []
-    assert torch.is_grad_enabled()
-    # grad mode is back on even when the stack fails
-    running["pending"] = [weight * 2, torch.ones(2, requires_grad=True)]
-    with pytest.raises(RuntimeError):
-        fold_pending(running)
-    assert torch.is_grad_enabled()
 
 
 def test_update_best():

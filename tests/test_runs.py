@@ -71,7 +71,8 @@ def test_every_checkpoint_save_fsyncs_the_folder_once_after_its_renames(tmp_path
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
-    config = config_from_dict(tiny_config(train={"epochs": 4, "log_every": 2}, optimizer={"name": "sgd", "lr": 0.05}))
+    train = {"epochs": 4, "log_every": 2, "checkpoint_interval_s": 0}  # every epoch end saves
+    config = config_from_dict(tiny_config(train=train, optimizer={"name": "sgd", "lr": 0.05}))
     result = execute_run(config, root=tmp_path, quiet=True)
     assert result.status == "completed"
     saves = " ".join(events).replace("fsync folder", "fsync folder |").split(" |")[:-1]
@@ -219,7 +220,7 @@ def test_nothing_to_train_names_the_default_budget_when_none_is_given():
     from trainer.runs import _nothing_to_train
 
     built = SimpleNamespace(config=SimpleNamespace(train=SimpleNamespace(epochs=None, max_steps=None)), settings=LoopSettings(epochs=10))
-    note = _nothing_to_train(Path("run"), TrainState(step=40, epoch=10), built)
+    note = _nothing_to_train(Path("run"), TrainState(step=40, epoch=10), built, {})
     assert "(10 epochs, 40 steps; train.epochs=10, the default)" in note
     assert note.endswith("trainer resume run train.epochs=20")
 
@@ -444,12 +445,13 @@ def test_nan_at_step_k_fails_and_keeps_the_pre_nan_checkpoint(cli, tmp_path, wri
                      "val_fraction": 0, "shuffle": False},
             "loss": {"name": "mse"},
             "optimizer": {"name": "sgd", "lr": 0.001},
-            "train": {"epochs": 2, "log_every": 100, "checkpoint_every": 3},
+            "train": {"epochs": 2, "log_every": 5, "checkpoint_every": 3},
         }
     )  # fmt: skip
     result = cli("run", config, "--run-dir", tmp_path / "nan")
     assert result.code == 1, result.output
-    assert "step 7" in result.stderr and "grad_clip" in result.stderr
+    # read at the save of step 9: the losses since the log point of step 5
+    assert "not finite between steps 6 and 9" in result.stderr and "grad_clip" in result.stderr
     last = torch_load(tmp_path / "nan" / "checkpoints" / "last.pt")
     assert last["train_state"]["step"] == 6  # the save at step 9 was refused
     assert all(bool(v.isfinite().all()) for v in last["model"].values())
@@ -538,7 +540,7 @@ def test_a_checkpoint_save_that_fails_names_the_path_and_keeps_the_old_one(cli, 
         pytest.param(3, 2 * 4, id="at-the-next-save"),
         pytest.param(1, 4, id="at-the-end"),  # the run's last save: the run waits for it and fails
     ],
-)
+)  # with checkpoint_interval_s 0: every epoch end saves
 def test_a_checkpoint_whose_fsync_fails_in_the_background_stops_the_run(tmp_path, monkeypatch, epochs, stopped_at):
     import errno
 
@@ -546,10 +548,11 @@ def test_a_checkpoint_whose_fsync_fails_in_the_background_stops_the_run(tmp_path
         raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(os, "fsync", failing_fsync)
-    result = execute_run(config_from_dict(tiny_config(train={"epochs": epochs})), root=tmp_path, quiet=True)
+    config = config_from_dict(tiny_config(train={"epochs": epochs, "checkpoint_interval_s": 0}))
+    result = execute_run(config, root=tmp_path, quiet=True)
     last = result.run_dir / "checkpoints" / "last.pt"
     assert result.status == "failed" and result.exit_code == 1
-    assert result.error == f"cannot write checkpoint '{last}': Input/output error; the previous one is intact"
+    assert result.error == f"cannot write checkpoint '{last}': Input/output error"
     assert result.summary["steps"] == stopped_at
     assert json.loads((result.run_dir / "summary.json").read_text())["status"] == "failed"
     assert sorted(p.name for p in last.parent.iterdir()) == []  # nothing half-written left
@@ -578,44 +581,51 @@ def test_resume_refuses_what_it_cannot_continue(cli, tmp_path, write_config, tin
     assert "Traceback" not in outside.output + other.output + longer.output + new_lr.output
 
 
-def test_resume_reads_a_checkpoint_of_format_1_and_refuses_a_newer_format(cli, tmp_path, write_config, tiny):
+@pytest.mark.parametrize("old_format", [1, 2])
+def test_resume_reads_checkpoints_of_earlier_formats_and_refuses_a_newer_one(cli, tmp_path, write_config, tiny, old_format):
     import json
 
     import torch
 
-    config = write_config(tiny())
+    config = write_config(tiny(train={"epochs": 2, "log_every": 3}))  # 8 steps: steps 7-8 wait for a log point
     folder = tmp_path / cli("run", config, "-q").stdout.strip()
     last = folder / "checkpoints" / "last.pt"
     payload = torch.load(last, weights_only=True)
-    assert payload["format"] == 2 and json.loads(payload["train_state"]["history"])[-1]["epoch"] == 2
-    # format 1 (trainer before the history became JSON text) kept the history as a list of dicts
-    payload["format"] = 1
-    payload["train_state"]["history"] = json.loads(payload["train_state"]["history"])
+    assert payload["format"] == 3 and "history" not in payload["train_state"]
+    # formats 1-2 kept a per-epoch history (a list, then JSON text) and each unread step's loss
+    history = [{"epoch": 1, "step": 4}, {"epoch": 2, "step": 8}]
+    payload["format"] = old_format
+    payload["train_state"]["history"] = history if old_format == 1 else json.dumps(history)
+    running = payload["train_state"]["running"]
+    running["pending"] = [running["pending"] / 2, running["pending"] / 2] if running["pending_batches"] else []
+    del running["pending_batches"]
     torch.save(payload, last)
     resumed = cli("resume", folder, "train.epochs=3", "-q")
     assert resumed.code == 0, resumed.stderr
     again = torch.load(last, weights_only=True)
-    assert again["format"] == 2 and [h["epoch"] for h in json.loads(again["train_state"]["history"])] == [1, 2, 3]
+    assert again["format"] == 3 and again["train_state"]["step"] == 12
+    steps = [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s in steps if s > 8] == [9, 12, 12]  # the log point of step 9 read the two old losses too
     # a file a later version wrote: refused by its number, not misread
-    again["format"] = 3
+    again["format"] = 4
     torch.save(again, last)
     newer = cli("run", config, "--resume", last, "train.epochs=4")
     assert newer.code == 2 and "Traceback" not in newer.output
-    assert "has format 3, and this version reads format 1 or 2; it was written by a newer trainer: upgrade trainer" in newer.stderr
+    assert "has format 4, and this version reads format 1, 2 or 3; it was written by a newer trainer: upgrade trainer" in newer.stderr
 
 
 @pytest.mark.parametrize("found", [0, "2"])
 def test_a_checkpoint_format_no_trainer_wrote_is_refused(tmp_path, found):
     import torch
 
-    from trainer.runs import _trainer_checkpoint
+    from trainer.checkpoint import trainer_checkpoint
 
     path = tmp_path / "last.pt"
     torch.save({"format": found, "config": {}}, path)
     with pytest.raises(UsageError) as refused:
-        _trainer_checkpoint(path)
+        trainer_checkpoint(path)
     assert str(refused.value) == (
-        f"checkpoint '{path}' has format {found!r}, and this version reads format 1 or 2; no version of trainer wrote it"
+        f"checkpoint '{path}' has format {found!r}, and this version reads format 1, 2 or 3; no version of trainer wrote it"
     )
 
 

@@ -12,6 +12,7 @@ import re
 import shutil
 import struct
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -19,10 +20,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from trainer.errors import UsageError
+from trainer.errors import TrainingFailed, UsageError, first_line
 
-CHECKPOINT_FORMAT = 2  # bumped when the layout of the dict changes (2: train_state.history is JSON text)
-READABLE_FORMATS = (1, 2)  # what this version loads: an older trainer refuses a newer file by its number
+CHECKPOINT_FORMAT = 3  # bumped when the layout of the dict changes (3: no history; the pending losses as one sum)
+READABLE_FORMATS = (1, 2, 3)  # what this version loads: an older trainer refuses a newer file by its number
 
 
 def serialize(obj: Any) -> memoryview:
@@ -81,6 +82,12 @@ def commit(staged: StagedFile, *, sync_folder: bool = True) -> None:
         raise
     if sync_folder:
         _fsync_dir(staged.path.parent)
+
+
+def discard(staged: StagedFile) -> None:
+    """Drop a staged file that will not be committed."""
+    os.close(staged.fd)
+    staged.tmp.unlink(missing_ok=True)
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -319,3 +326,234 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
             found = re.search(r"GLOBAL ([\w.]+)", text)
             first = "it holds pickled Python objects, not only tensors" + (f" ({found.group(1)})" if found else "")
         raise UsageError(f"checkpoint '{path}' cannot be loaded safely: {first}") from None
+
+
+class Checkpoints:
+    """last.pt and best.pt of one run, saved by time; a save never leaves a NaN state or a
+    half-written file behind.
+
+    An epoch end saves when `train.checkpoint_interval_s` seconds have passed since the last save
+    (0: every epoch end); the runner also saves at the run's end, on SIGINT/SIGTERM and every
+    `train.checkpoint_every` steps. An epoch that is the best so far but not saved at once is kept
+    as a copy in memory, and written as best.pt by the next save. In a data-parallel run every rank
+    calls each method at the same step; rank 0 writes the files.
+    """
+
+    def __init__(self, built: Any, folder: Path, dist: Any = None) -> None:
+        self.built, self.folder, self.dist = built, folder, dist
+        self.main = dist is None or dist.is_main
+        train = built.config.train
+        # by default the val loss decides, or the train loss without validation (build_run refuses
+        # an explicit val_* monitor then)
+        self.monitor = train.monitor or ("val_loss" if built.val_batches is not None else "train_loss")
+        self.mode = train.mode or ("max" if "accuracy" in self.monitor else "min")
+        self.interval_s = train.checkpoint_interval_s
+        self.every_steps = train.checkpoint_every or 0
+        self.last_saved = time.monotonic()  # the run's start (or resume) counts as a save
+        self.best_copy: dict[str, Any] | None = None  # the best epoch's state, when it was not saved at once
+        self.writes = BackgroundWrites()
+        # a process killed mid-save (SIGKILL, power loss) leaves its temporary file; only one run writes here
+        for stale in folder.glob(".*.pt.*.tmp") if folder.is_dir() and self.main else []:
+            stale.unlink(missing_ok=True)
+
+    def due(self, step: int | None = None) -> bool:
+        """Whether a save is due: at an epoch end (`step` None) by time, within an epoch by step count."""
+        if step is not None:
+            return bool(self.every_steps) and step % self.every_steps == 0
+        return time.monotonic() - self.last_saved >= self.interval_s
+
+    def epoch_end(self, state: Any, metrics: dict[str, float], *, save: bool) -> None:
+        """Record the epoch's monitored metric; save last.pt (and best.pt) if `save`, else keep a
+        copy of a new best epoch for the next save."""
+        is_best = self._record_best(state, metrics)
+        if save:
+            self.save(state, best=is_best)
+        elif is_best:
+            self.best_copy = _copied(self._payload(state))
+
+    def save(self, state: Any, *, best: bool = False) -> None:
+        """Save last.pt, and best.pt: this same state if `best`, else a best epoch kept since the
+        last save. The wait for the disk goes on in the background; an error of the previous
+        save's background part stops the run here, or in `finish`."""
+        from trainer.engine import check_finite
+
+        check_finite(state.running, self.dist)  # a non-finite loss must not overwrite the last good checkpoint
+        payload = self._payload(state)
+        error = self._write(payload, best) if self.main else None
+        self.last_saved = time.monotonic()
+        self.best_copy = None
+        self._raise(error)
+
+    def _payload(self, state: Any) -> dict[str, Any]:
+        running_by_rank = self.dist.gather(_on_cpu(state.running)) if self.dist is not None else None
+        return training_state(self.built, state, running_by_rank)
+
+    def _write(self, payload: dict[str, Any], best: bool) -> str | None:
+        """Write the files (their fsync and rename in the background); why they cannot be, or None."""
+        error = self.writes.wait()  # the previous save is on disk before this one starts: at most one in flight
+        if error is not None:
+            return _cannot_write(*error)
+        last, best_path = self.folder / "last.pt", self.folder / "best.pt"
+        staged = kept = None
+        try:
+            staged = stage(serialize(payload), last)
+            if self.best_copy is not None and not best:
+                kept = stage(serialize(self.best_copy), best_path)
+        except (OSError, RuntimeError) as err:  # torch's zip writer reports a full disk as a RuntimeError
+            if staged is not None:
+                discard(staged)
+            return _cannot_write(best_path if staged is not None else last, err)
+        # with best.pt, the folder's fsync comes once, after both renames
+        self.writes.submit(last, commit, staged, sync_folder=not (best or kept))
+        if best:  # best.pt is this same state: a second name for last.pt's new file
+            self.writes.submit(best_path, link_or_copy, last, best_path)
+        elif kept is not None:
+            self.writes.submit(best_path, commit, kept)
+        return None
+
+    def finish(self) -> None:
+        """Wait until every checkpoint asked for is on disk; stop the run if one could not be written.
+        In a data-parallel run every rank calls it."""
+        error = self.writes.wait() if self.main else None
+        self._raise(_cannot_write(*error) if error is not None else None)
+
+    def close(self) -> None:
+        """Wait for the writes in flight (after a failure elsewhere: their own errors are not news)."""
+        self.writes.close()
+
+    def _raise(self, error: str | None) -> None:
+        if self.dist is not None:
+            error = self.dist.broadcast(error)  # every rank stops if rank 0 could not write
+        if error:
+            raise TrainingFailed(error)
+
+    def _record_best(self, state: Any, metrics: dict[str, float]) -> bool:
+        """Whether this epoch's monitored metric is the best so far; if so, remember its value."""
+        value = metrics.get(self.monitor)
+        if value is None:
+            return False
+        best = state.best_checkpoint
+        if best is None or (value > best if self.mode == "max" else value < best):
+            state.best_checkpoint = value
+            return True
+        return False
+
+
+def _copied(payload: Any) -> Any:
+    """`payload` with every container and tensor copied: what training changes next cannot reach it."""
+    if isinstance(payload, torch.Tensor):
+        return payload.detach().clone()
+    if isinstance(payload, dict):
+        return type(payload)((k, _copied(v)) for k, v in payload.items())
+    if isinstance(payload, (list, tuple)):
+        return type(payload)(_copied(v) for v in payload)
+    return payload
+
+
+def _cannot_write(path: Path, err: Exception) -> str:
+    reason = getattr(err, "strerror", None) or first_line(err)
+    return f"cannot write checkpoint '{path}': {reason}"
+
+
+def _on_cpu(running: dict[str, Any]) -> dict[str, Any]:
+    """A rank's `TrainState.running` with its tensors on the CPU, to gather into rank 0's checkpoint."""
+    return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in running.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# resuming
+
+
+def find_checkpoint(spec: str | Path, *, name: str, root: Path) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint `--resume` names (a file, a run folder, or `auto`) and its contents.
+
+    `auto` and a run folder pick the newest checkpoint that loads, skipping corrupt ones.
+    """
+    spec_path = Path(spec)
+    if str(spec) == "auto":
+        candidates = sorted(Path(root).glob(f"{name}/*/checkpoints/*.pt"), key=_recency, reverse=True)
+        where = f"under {Path(root) / name}"
+    elif spec_path.is_dir():
+        folder = spec_path / "checkpoints" if (spec_path / "checkpoints").is_dir() else spec_path
+        candidates = sorted(folder.glob("*.pt"), key=_recency, reverse=True)
+        where = f"in {folder}"
+    elif spec_path.exists():
+        return spec_path, trainer_checkpoint(spec_path)
+    else:
+        raise UsageError(f"--resume '{spec}' does not exist; give a checkpoint file, a run folder or auto")
+    skipped = []
+    for candidate in candidates:
+        try:
+            return candidate, trainer_checkpoint(candidate)
+        except UsageError as err:
+            skipped.append(str(err))
+    detail = "".join(f"\n  skipped: {s}" for s in skipped)
+    raise UsageError(f"no checkpoint that loads {where}{detail}")
+
+
+def trainer_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint of a format this version of trainer reads (any .pt that loads is not one)."""
+    payload = load_checkpoint(path)
+    found = payload.get("format") if isinstance(payload, dict) else None
+    if not isinstance(payload, dict) or found is None or "config" not in payload:
+        raise UsageError(
+            f"checkpoint '{path}' is not a trainer checkpoint (no format number and config in it); "
+            "give the last.pt or best.pt of a trainer run"
+        )
+    if found not in READABLE_FORMATS:
+        readable = ", ".join(map(str, READABLE_FORMATS[:-1])) + f" or {READABLE_FORMATS[-1]}"
+        newer = isinstance(found, int) and found > CHECKPOINT_FORMAT
+        advice = "it was written by a newer trainer: upgrade trainer to read it" if newer else "no version of trainer wrote it"
+        raise UsageError(f"checkpoint '{path}' has format {found!r}, and this version reads format {readable}; {advice}")
+    return payload
+
+
+def _recency(path: Path) -> tuple[bool, float]:
+    # last.pt first: best.pt may be an older epoch written at the same save, or a hard link to last.pt
+    return path.name == "last.pt", path.stat().st_mtime
+
+
+# the parts of a config that make a resumed run a different run; a longer budget does not, except
+# for a schedule whose length was fixed from the old budget (its restored state keeps that length)
+_RUN_DEFINING = ("seed", "model", "data", "loss", "optimizer", "scheduler", "precision")
+SCHEDULE_LENGTHS = ("scheduler.T_max", "scheduler.total_steps", "scheduler.total_iters")
+
+
+def refuse_changed_run(saved: dict[str, Any], current: dict[str, Any], checkpoint: Path, *, force: bool) -> None:
+    """Raise UsageError listing what differs in what defines the run, unless `force`.
+
+    The optimizer's and scheduler's restored states would silently override a changed lr or
+    schedule, so those count as differences too.
+    """
+    old, new = flatten({k: saved.get(k) for k in _RUN_DEFINING}), flatten({k: current.get(k) for k in _RUN_DEFINING})
+    differences = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            differences.append(f"{key}: {old.get(key, '(not set)')!r} in the checkpoint, {new.get(key, '(not set)')!r} now")
+    budget = ("epochs", "max_steps")
+    old_budget = {k: (saved.get("train") or {}).get(k) for k in budget}
+    new_budget = {k: (current.get("train") or {}).get(k) for k in budget}
+    fixed = [k for k in SCHEDULE_LENGTHS if k in old]
+    if old_budget != new_budget and fixed and not differences:
+        differences.append(
+            f"train budget {old_budget} in the checkpoint, {new_budget} now: the scheduler's "
+            f"{fixed[0].split('.')[1]}={old[fixed[0]]} was fixed from the old budget and would not follow"
+        )
+    if differences and not force:
+        listed = "".join(f"\n  {d}" for d in differences)
+        raise UsageError(
+            f"the config differs from the one checkpoint '{checkpoint}' was trained with:{listed}\n"
+            "resuming would not continue the same run; pass --force to resume anyway"
+        )
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists stay values."""
+    if not isinstance(value, dict):
+        return {prefix: value}
+    flat: dict[str, Any] = {}
+    for key, inner in value.items():
+        flat.update(flatten(inner, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+

@@ -174,9 +174,12 @@ def resume(
 def _train(cfg, run_dir, runs_root, device, quiet, resume_from, force, data_dir=None) -> None:
     from trainer.runs import execute_run
 
+    from trainer import PROCESS_STARTED
+
     result = execute_run(
-        cfg, run_dir=run_dir, root=runs_root, device=device, quiet=quiet, resume=resume_from, force=force, data_dir=data_dir
-    )
+        cfg, run_dir=run_dir, root=runs_root, device=device, quiet=quiet, resume=resume_from, force=force,
+        data_dir=data_dir, started=PROCESS_STARTED,
+    )  # fmt: skip
     if _other_rank():
         if result.exit_code:
             raise typer.Exit(result.exit_code)

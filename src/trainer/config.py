@@ -94,7 +94,8 @@ class TrainConfig(BaseModel):
     max_steps: OptionalInt = Field(None, gt=0)  # optimizer steps; the run stops at whichever limit comes first
     log_every: Int = Field(10, gt=0)  # optimizer steps between train-loss points (console, TensorBoard, metrics.jsonl)
     grad_clip: OptionalFloat = Field(None, gt=0)  # max L2 norm of all gradients; null: no clipping
-    checkpoint_every: OptionalInt = Field(None, gt=0)  # optimizer steps between saves of last.pt (also at every epoch end)
+    checkpoint_interval_s: Float = Field(10.0, ge=0)  # seconds: an epoch end saves last.pt when this long has passed since the last save; 0: every epoch end
+    checkpoint_every: OptionalInt = Field(None, gt=0)  # optimizer steps between saves of last.pt within epochs; null: none
     monitor: Literal["val_loss", "val_accuracy", "train_loss"] | None = None  # best.pt's metric; null: val_loss, or train_loss without validation
     mode: Literal["min", "max"] | None = None  # best is the min or max of `monitor`; null: max for accuracy, else min
     compile: bool | CompileMode = False  # torch.compile the model: false | true | default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs

@@ -209,6 +209,28 @@ def _injected_stop() -> Callable[[int], None]:
     return lambda step: os.kill(os.getpid(), signum) if step == target else None
 
 
+@dataclass
+class ActiveRun:
+    """One run while it trains: what its named steps share."""
+
+    built: Any
+    folder: Path
+    state: Any  # the loop's TrainState
+    tracker: Any
+    stop: StopRequests
+    started: float  # perf_counter time of the command's start
+    dist: Any = None  # trainer.distributed.Distributed in a data-parallel run
+    resumed_from: Path | None = None
+    checkpoints: Any = None
+    fit_started: float | None = None
+    digests: list[str] | None = None  # each rank's parameters at the end of a data-parallel run
+
+    @property
+    def main(self) -> bool:
+        """The one process that writes files and prints."""
+        return self.dist is None or self.dist.is_main
+
+
 def execute_run(
     config: Any,
     *,
@@ -221,217 +243,249 @@ def execute_run(
     force: bool = False,
     tensorboard: bool = True,
     data_dir: Path | None = None,
+    started: float | None = None,
 ) -> RunResult:
     """Build and train one config, writing its run folder (or continuing one, with `resume`).
 
-    The run folder is locked while this runs (see `lock_run_folder`), however it ends. `data_dir`:
-    where relative data paths are read from (`started_in` of the run folder, for a resume of it).
-    """
-    with contextlib.ExitStack() as cleanup:  # the signal handlers and the folder's lock, however the run ends
-        return _execute_run(
-            config, cleanup, run_dir=run_dir, root=root, device=device, quiet=quiet, console=console,
-            resume=resume, force=force, tensorboard=tensorboard, data_dir=data_dir,
-        )  # fmt: skip
-
-
-def _execute_run(
-    config: Any,
-    cleanup: contextlib.ExitStack,
-    *,
-    run_dir: Path | None,
-    root: Path,
-    device: str | None,
-    quiet: bool,
-    console: Any,
-    resume: str | Path | None,
-    force: bool,
-    tensorboard: bool,
-    data_dir: Path | None,
-) -> RunResult:
-    """execute_run's body; what must be undone at its end goes on `cleanup`.
-
     Bad input raises UsageError before anything is written. Once training starts, a failure
-    (TrainingFailed), SIGINT or SIGTERM is recorded in summary.json and returned, not raised;
-    any other exception is recorded and re-raised.
+    (TrainingFailed), SIGINT or SIGTERM is recorded in summary.json and returned, not raised; any
+    other exception is recorded and re-raised. The run folder is locked while this runs (see
+    `lock_run_folder`). `data_dir`: where relative data paths are read from (`started_in` of the
+    run folder, for a resume of it). `started`: the perf_counter time the command started at,
+    which summary.json's wall_time_s counts from (default: now).
     """
     from trainer.build import build_run, check_one_batch
-    from trainer.checkpoint import restore
-    from trainer.data import describe_data
-    from trainer.engine import TrainState, fit
-    from trainer.models import count_parameters
-    from trainer.tracking import Tracker
 
+    started = time.perf_counter() if started is None else started
+
+    if resume is not None and run_dir is not None:
+        raise UsageError("--run-dir and --resume do not go together: a resumed run continues in its own folder")
+    with contextlib.ExitStack() as cleanup:  # the signal handlers and the folder's lock, however the run ends
+        dist, device = _join_processes(config, device)
+        built = build_run(config, device=device, data_dir=data_dir, **({"rank": dist.rank, "world_size": dist.world_size} if dist else {}))
+        check_one_batch(built)
+        # from before the run folder exists: a signal from here on stops the run after a step, with its
+        # summary.json, never leaving a folder without one (building the data above stays interruptible)
+        stop = cleanup.enter_context(StopRequests(ignore_after=dist is not None))
+        if resume is not None:
+            opened = _open_resumed(built, resume, root=root, force=force, cleanup=cleanup, dist=dist)
+            if isinstance(opened, RunResult):
+                return opened
+            folder, state, resumed_from = opened
+        else:
+            folder, state, resumed_from = _open_new(built, root=root, run_dir=run_dir, cleanup=cleanup, dist=dist), None, None
+        tracker = _make_tracker(built, folder, root, state, console=console, quiet=quiet, tensorboard=tensorboard, dist=dist)
+        run = ActiveRun(built, folder, state, tracker, stop, started, dist, resumed_from)
+        return _train_and_record(run)
+
+
+def _join_processes(config: Any, device: str | None) -> tuple[Any, str | None]:
+    """In a data-parallel run (torchrun started this process as one rank of several): join the
+    process group, and this rank's device."""
     from trainer import distributed
 
-    # a data-parallel run: torchrun started this process as one rank of several
     dist = distributed.from_environment()
-    if dist is not None:
-        import torch
+    if dist is None:
+        return None, device
+    import torch
 
-        device = distributed.rank_device(device or config.device, dist)
-        distributed.join(dist, torch.device(device))
-    ranks = {"rank": dist.rank, "world_size": dist.world_size} if dist else {}
-    built = build_run(config, device=device, data_dir=data_dir, **ranks)
-    check_one_batch(built)
-    main = dist is None or dist.is_main  # the one process that writes files and prints
-    # from before the run folder exists: a signal from here on stops the run after a step, with its
-    # summary.json, never leaving a folder without one (building the data above stays interruptible)
-    stop = cleanup.enter_context(StopRequests(ignore_after=dist is not None))
-    checkpoint = None
-    if resume is not None:
-        if run_dir is not None:
-            raise UsageError("--run-dir and --resume do not go together: a resumed run continues in its own folder")
-        checkpoint, payload = find_checkpoint(resume, name=built.config.name, root=root)
-        folder = checkpoint.parent.parent
-        if checkpoint.parent.name != "checkpoints" or not (folder / "config.yaml").is_file():
-            raise UsageError(
-                f"--resume '{checkpoint}' is not inside a run folder (<run>/checkpoints/*.pt); "
-                "a resumed run continues in the folder it came from"
-            )
-        refuse_changed_run(payload["config"], built.config.model_dump(mode="json"), checkpoint, force=force)
-        _lock(folder, cleanup, dist)
-        state = restore(built, payload, checkpoint)
-        recorded = _read_json(folder / "summary.json")
-        if built.settings.done(state, len(built.train_batches)) and recorded.get("status") == "completed" and recorded.get("steps") == state.step:
-            # a finished run resumed again (a script that re-runs --resume auto until done): leave it as it is;
-            # an interrupted one whose budget was lowered below its steps goes on, to be recorded as completed
-            if dist is not None:
-                distributed.leave()
-            return RunResult("completed", folder, recorded, note=_nothing_to_train(folder, state, built))
-        if main:
-            _note_resume(folder, checkpoint, state.step)
-    else:
-        folder = _shared(dist, lambda: create_run_dir(built.config.name, root=root, run_dir=run_dir))
-        _lock(folder, cleanup, dist)
-        if main:
-            write_json(folder / "env.json", environment(str(built.device), built.device_reason, dist))
-        state = TrainState()
-    if main:
+    device = distributed.rank_device(device or config.device, dist)
+    distributed.join(dist, torch.device(device))
+    return dist, device
+
+
+def _open_new(built: Any, *, root: Path, run_dir: Path | None, cleanup: contextlib.ExitStack, dist: Any) -> Path:
+    """A new run folder, locked, with env.json and config.yaml."""
+    folder = _shared(dist, lambda: create_run_dir(built.config.name, root=root, run_dir=run_dir))
+    _lock(folder, cleanup, dist)
+    if dist is None or dist.is_main:
+        write_json(folder / "env.json", environment(str(built.device), built.device_reason, dist))
         (folder / "config.yaml").write_text(built.config.to_yaml(), encoding="utf-8")
-    # the model the loop trains: DDP averages the gradients; checkpoints save built.model, which it shares
-    model = distributed.wrap(built.model, built.device) if dist is not None else built.model
+    return folder
 
-    settings = built.settings
-    steps_per_epoch = len(built.train_batches)
-    last_step = settings.last_step(steps_per_epoch)
-    status, error, exit_code = "failed", None, 1
-    started = time.perf_counter()
+
+def _open_resumed(
+    built: Any, resume: str | Path, *, root: Path, force: bool, cleanup: contextlib.ExitStack, dist: Any
+) -> tuple[Path, Any, Path] | RunResult:
+    """The folder, training state and checkpoint of the run `resume` names, restored into `built`;
+    or the result of a run that is complete already (nothing is written then)."""
+    from trainer import distributed
+    from trainer.checkpoint import find_checkpoint, refuse_changed_run, restore
+
+    checkpoint, payload = find_checkpoint(resume, name=built.config.name, root=root)
+    folder = checkpoint.parent.parent
+    if checkpoint.parent.name != "checkpoints" or not (folder / "config.yaml").is_file():
+        raise UsageError(
+            f"--resume '{checkpoint}' is not inside a run folder (<run>/checkpoints/*.pt); "
+            "a resumed run continues in the folder it came from"
+        )
+    refuse_changed_run(payload["config"], built.config.model_dump(mode="json"), checkpoint, force=force)
+    _lock(folder, cleanup, dist)
+    state = restore(built, payload, checkpoint)
+    recorded = _read_json(folder / "summary.json")
+    if built.settings.done(state, len(built.train_batches)) and recorded.get("status") == "completed" and recorded.get("steps") == state.step:
+        # a finished run resumed again (a script that re-runs --resume auto until done): leave it as it is;
+        # an interrupted one whose budget was lowered below its steps goes on, to be recorded as completed
+        if dist is not None:
+            distributed.leave()
+        return RunResult("completed", folder, recorded, note=_nothing_to_train(folder, state, built, payload["config"]))
+    if dist is None or dist.is_main:
+        _note_resume(folder, checkpoint, state.step)
+        (folder / "config.yaml").write_text(built.config.to_yaml(), encoding="utf-8")
+    return folder, state, checkpoint
+
+
+def _make_tracker(
+    built: Any, folder: Path, root: Path, state: Any, *, console: Any, quiet: bool, tensorboard: bool, dist: Any
+) -> Any:
+    """The run's console and metric files; the other ranks of a data-parallel run print and write nothing."""
+    from trainer.tracking import Tracker
+
+    if dist is not None and not dist.is_main:
+        return Tracker(None, console=console, quiet=True, tensorboard=False, jsonl=False)
     # an explicit --run-dir is not under a runs root, so the hint names the folder itself
     logdir = Path(root) if folder.parent.parent == Path(root) else folder
-    if main:
-        tracker = Tracker(
-            folder, console=console, quiet=quiet, tensorboard=tensorboard, tensorboard_logdir=logdir, resume_step=state.step
-        )
-    else:  # the other ranks print nothing and write no files
-        tracker = Tracker(None, console=console, quiet=True, tensorboard=False, jsonl=False)
-    fit_started, train_seconds = None, 0.0
-    digests: list[str] | None = None  # each rank's parameters at the end of a data-parallel run
-    checkpoints = None
+    resume_step = state.step if state is not None else 0
+    return Tracker(folder, console=console, quiet=quiet, tensorboard=tensorboard, tensorboard_logdir=logdir, resume_step=resume_step)
+
+
+def _train_and_record(run: ActiveRun) -> RunResult:
+    """Train, then record how it ended in summary.json and on the console, however it ends."""
+    from trainer.engine import TrainState
+
+    run.state = run.state or TrainState()
+    status, error, exit_code = "failed", None, 1
     try:
-        tracker.run_started(
-            name=built.config.name,
-            run_dir=folder,
-            device=str(built.device),
-            device_reason=built.device_reason,
-            model=built.config.model.name,
-            num_params=count_parameters(built.model),
-            data=f"{built.config.data.name}: {describe_data(built.info)}",
-            epochs=settings.epochs,
-            steps_per_epoch=steps_per_epoch,
-            total_steps=last_step,
-            batch_size=built.config.data.batch_size,
-            processes=built.world_size,
-        )
-        if state.step:
-            tracker.message(f"resumed from {checkpoint} at step {state.step} (epoch {state.epoch + 1})")
-        checkpoints = Checkpoints(built, folder / "checkpoints", dist)
-        injected_stop = _injected_stop()
-        every = built.config.train.checkpoint_every or 0  # read once: after_step runs every step
-        log_every = settings.log_every
-
-        def stop_signal(state: TrainState, at_epoch_end: bool = False) -> int | None:
-            """The signal to stop on, agreed by all ranks at log points and epoch ends."""
-            if dist is None:
-                return stop.signum
-            if at_epoch_end or state.step % log_every == 0 or state.step >= last_step:
-                return dist.max_int(stop.signum or 0, built.device) or None
-            return None  # between log points a rank goes on: all must stop after the same step
-
-        def after_step(state: TrainState) -> None:
-            injected_stop(state.step)
-            signum = stop_signal(state)
-            # at an epoch's last batch (or the run's) the epoch-end hook below saves, after validation
-            if state.batch_in_epoch >= steps_per_epoch or state.step >= last_step:
-                return
-            if signum is not None or (every and state.step % every == 0):
-                tracker.flush()  # the files hold every point up to the checkpoint (epoch ends flush anyway)
-                checkpoints.save(state)
-            if signum is not None:
-                checkpoints.finish()
-                raise Stopped(signum)
-
-        def on_epoch_end(state: TrainState, improved: set[str]) -> None:
-            is_best = checkpoints.record_best(state)  # first, so last.pt carries the new best value
-            checkpoints.save(state, best=is_best)
-            signum = stop_signal(state, at_epoch_end=True)
-            if signum is not None and state.step < last_step:
-                checkpoints.finish()
-                raise Stopped(signum)
-
-        fit_started = time.perf_counter()
-        fit(
-            model, built.train_batches, built.val_batches, built.loss_fn, built.optimizer, settings,
-            precision=built.precision, scheduler=built.scheduler, scaler=built.scaler, tracker=tracker,
-            state=state, after_step=after_step, on_epoch_end=on_epoch_end, dist=dist,
-        )  # fmt: skip
-        checkpoints.finish()
-        if dist is not None:
-            digests = _rank_digests(built, dist)
-            if dist.is_main and len(set(digests)) > 1:
-                raise TrainingFailed(
-                    "the processes' parameters differ at the end of training (a parameter or buffer updated "
-                    "outside DistributedDataParallel?); the checkpoints hold rank 0's"
-                )
-        train_seconds = time.perf_counter() - fit_started
+        _train(run)
         status, exit_code = "completed", 0
     except KeyboardInterrupt:
         status, error, exit_code = "interrupted", "stopped at once by a second SIGINT", 128 + signal.SIGINT
     except Stopped as err:
-        status, error, exit_code = "interrupted", f"stopped by {err} after step {state.step}", err.exit_code
+        status, error, exit_code = "interrupted", f"stopped by {err} after step {run.state.step}", err.exit_code
     except (TrainingFailed, UsageError) as err:  # a UsageError here: data unreadable mid-run (a corrupt image)
         status, error = "failed", str(err)
     except Exception as err:
-        if dist is not None and distributed.lost_peer(err):
-            # another rank died (torchrun stops the job) or its collective failed
-            status, error = "failed", f"another process of the run is gone: {first_line(err)}"
-        else:
+        from trainer import distributed
+
+        if run.dist is None or not distributed.lost_peer(err):
             error = f"{type(err).__name__}: {err}"
             raise
+        # another rank died (torchrun stops the job) or its collective failed
+        status, error = "failed", f"another process of the run is gone: {first_line(err)}"
     finally:
-        if checkpoints is not None:
-            checkpoints.close()
-        seconds = time.perf_counter() - started
-        if fit_started is not None and status != "completed":
-            train_seconds = time.perf_counter() - fit_started  # stopped or failed: the loop until now
-        summary = _summary(status, error, state, seconds, built)
-        summary["train_time_s"] = round(train_seconds, 4)  # the loop alone: epochs, validation, checkpoints
-        if dist is not None:
-            summary["processes"] = {"world_size": dist.world_size, "parameters_sha256": digests}
-        if main:
-            write_json(folder / "summary.json", summary)
-        if status == "completed":
-            tracker.log_hparams(_hparams(built.config), {f"best/{k}": v for k, v in summary["best"].items()})
-        tracker.finished(
-            status=status, run_dir=folder, best=summary["best"], final=summary["final"],
-            steps=summary["steps"], epochs=summary["epochs"], seconds=seconds,
-        )  # fmt: skip
-        if status == "interrupted" and (folder / "checkpoints" / "last.pt").exists():
-            nproc = f" --nproc {built.world_size}" if dist is not None else ""
-            tracker.message(f"resume with: trainer resume {folder}{nproc}")
-        tracker.close()
-        if dist is not None and status != "failed":
-            distributed.leave()  # after a failure the other ranks may be gone; torchrun ends this one
-    return RunResult(status, folder, summary, error, exit_code)
+        summary = _record(run, status, error)
+    return RunResult(status, run.folder, summary, error, exit_code)
+
+
+def _train(run: ActiveRun) -> None:
+    """The loop with the runner's hooks: checkpoints by time and step count, and stop requests."""
+    from trainer import distributed
+    from trainer.checkpoint import Checkpoints
+    from trainer.engine import fit
+    from trainer.errors import TrainingFailed
+
+    built, settings, tracker, dist = run.built, run.built.settings, run.tracker, run.dist
+    steps_per_epoch = len(built.train_batches)
+    last_step = settings.last_step(steps_per_epoch)
+    _report_start(run, last_step)
+    checkpoints = run.checkpoints = Checkpoints(built, run.folder / "checkpoints", dist)
+    injected_stop = _injected_stop()
+
+    def agreed(signum: int | None, save: bool = False) -> tuple[int | None, bool]:
+        """The signal to stop on, and whether to save, agreed by all ranks (one all-reduce)."""
+        if dist is None:
+            return signum, save
+        import torch
+
+        both = dist.max(torch.tensor([signum or 0, int(save)], device=built.device))
+        return int(both[0]) or None, bool(both[1])
+
+    def after_step(state: Any) -> None:
+        injected_stop(state.step)
+        # at an epoch's last batch (or the run's) the epoch-end hook saves, after validation
+        if state.batch_in_epoch >= steps_per_epoch or state.step >= last_step:
+            return
+        signum = run.stop.signum
+        if dist is not None:  # the ranks agree at log points only: all must stop after the same step
+            signum = agreed(signum)[0] if state.step % settings.log_every == 0 else None
+        if signum is not None or checkpoints.due(state.step):
+            tracker.flush()  # the files hold every point up to the checkpoint
+            checkpoints.save(state)
+        if signum is not None:
+            checkpoints.finish()
+            raise Stopped(signum)
+
+    def on_epoch_end(state: Any, metrics: dict[str, float]) -> None:
+        done = settings.done(state, steps_per_epoch)
+        signum, save = agreed(run.stop.signum, done or checkpoints.due())
+        if save or signum is not None:
+            tracker.flush()
+        checkpoints.epoch_end(state, metrics, save=save or signum is not None)
+        if signum is not None and not done:
+            checkpoints.finish()
+            raise Stopped(signum)
+
+    run.fit_started = time.perf_counter()
+    fit(
+        distributed.wrap(built.model, built.device) if dist is not None else built.model,  # DDP shares built.model
+        built.train_batches, built.val_batches, built.loss_fn, built.optimizer, settings,
+        precision=built.precision, scheduler=built.scheduler, scaler=built.scaler, tracker=tracker,
+        state=run.state, after_step=after_step, on_epoch_end=on_epoch_end, dist=dist,
+    )  # fmt: skip
+    checkpoints.finish()
+    if dist is not None:
+        run.digests = _rank_digests(built, dist)
+        if dist.is_main and len(set(run.digests)) > 1:
+            raise TrainingFailed(
+                "the processes' parameters differ at the end of training (a parameter or buffer updated "
+                "outside DistributedDataParallel?); the checkpoints hold rank 0's"
+            )
+
+
+def _report_start(run: ActiveRun, last_step: int) -> None:
+    """The console's header, and where a resumed run picks up."""
+    from trainer.data import describe_data
+    from trainer.models import count_parameters
+
+    built = run.built
+    run.tracker.run_started(
+        name=built.config.name, run_dir=run.folder, device=str(built.device), device_reason=built.device_reason,
+        model=built.config.model.name, num_params=count_parameters(built.model),
+        data=f"{built.config.data.name}: {describe_data(built.info)}", epochs=built.settings.epochs,
+        steps_per_epoch=len(built.train_batches), total_steps=last_step, batch_size=built.config.data.batch_size,
+        processes=built.world_size,
+    )  # fmt: skip
+    if run.state.step:
+        run.tracker.message(f"resumed from {run.resumed_from} at step {run.state.step} (epoch {run.state.epoch + 1})")
+
+
+def _record(run: ActiveRun, status: str, error: str | None) -> dict[str, Any]:
+    """summary.json and the console's last lines, however the run ended; returns the summary."""
+    from trainer import distributed
+
+    if run.checkpoints is not None:
+        run.checkpoints.close()
+    now = time.perf_counter()
+    summary = _summary(status, error, run.state, now - run.started, run.built)
+    summary["train_time_s"] = round(now - run.fit_started, 4) if run.fit_started is not None else 0.0  # the loop alone
+    if run.dist is not None:
+        summary["processes"] = {"world_size": run.dist.world_size, "parameters_sha256": run.digests}
+    if run.main:
+        write_json(run.folder / "summary.json", summary)
+    tracker = run.tracker
+    if status == "completed":
+        tracker.log_hparams(_hparams(run.built.config), {f"best/{k}": v for k, v in summary["best"].items()})
+    tracker.finished(
+        status=status, run_dir=run.folder, best=summary["best"], final=summary["final"],
+        steps=summary["steps"], epochs=summary["epochs"], seconds=now - run.started,
+    )  # fmt: skip
+    if status == "interrupted" and (run.folder / "checkpoints" / "last.pt").exists():
+        nproc = f" --nproc {run.built.world_size}" if run.dist is not None else ""
+        tracker.message(f"resume with: trainer resume {run.folder}{nproc}")
+    tracker.close()
+    if run.dist is not None and status != "failed":
+        distributed.leave()  # after a failure the other ranks may be gone; torchrun ends this one
+    return summary
 
 
 def _lock(folder: Path, cleanup: contextlib.ExitStack, dist: Any) -> None:
@@ -455,8 +509,10 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _nothing_to_train(folder: Path, state: Any, built: Any) -> str:
-    """What a resume of a finished run says: nothing was done, and the budget that trains on."""
+def _nothing_to_train(folder: Path, state: Any, built: Any, saved_config: dict[str, Any]) -> str:
+    """What a resume of a finished run says: nothing was done, and a command that trains on."""
+    from trainer.checkpoint import SCHEDULE_LENGTHS, flatten
+
     train, settings = built.config.train, built.settings
     given = [f"train.{k}={v}" for k, v in (("epochs", train.epochs), ("max_steps", train.max_steps)) if v is not None]
     budget = ", ".join(given) or f"train.epochs={settings.epochs}, the default"
@@ -467,10 +523,26 @@ def _nothing_to_train(folder: Path, state: Any, built: Any) -> str:
         larger.append(f"train.max_steps={2 * settings.max_steps}")
     if epochs is not None and state.epoch >= epochs:
         larger.append(f"train.epochs={2 * epochs}")
-    return (
-        f"nothing to train: the run in '{folder}' is complete ({state.epoch} epochs, {state.step} steps; {budget}); "
-        f"its files are unchanged. To train on, resume with a larger budget: trainer resume {folder} {' '.join(larger)}"
+    done = (
+        f"nothing to train: the run in '{folder}' is complete ({plural(state.epoch, 'epoch')}, "
+        f"{plural(state.step, 'step')}; {budget}); its files are unchanged."
     )
+    saved = flatten(saved_config.get("scheduler") or {}, "scheduler")
+    fixed = [k for k in SCHEDULE_LENGTHS if k in saved]
+    if not fixed:
+        return f"{done} To train on, resume with a larger budget: trainer resume {folder} {' '.join(larger)}"
+    # the restored schedule keeps its length: a longer run needs a new schedule, so a new run
+    length = f"{fixed[0]}={saved[fixed[0]]}"
+    longer = f"{fixed[0]}={2 * saved[fixed[0]]}"  # the budget doubles, and with it the schedule's steps
+    return (
+        f"{done} Its learning-rate schedule ({length}) ended with the run, so a resume cannot train on; "
+        f"to train longer, start a new run: trainer run {folder / 'config.yaml'} {' '.join(larger)} {longer}"
+    )
+
+
+def plural(count: int, noun: str) -> str:
+    """'1 epoch', '2 epochs'."""
+    return f"{count:,} {noun}" + ("" if count == 1 else "s")
 
 
 def _shared(dist: Any, make: Callable[[], Path]) -> Path:
@@ -499,94 +571,6 @@ def _rank_digests(built: Any, dist: Any) -> list[str] | None:
     return dist.gather(state_digest(built.model.state_dict()))
 
 
-class Checkpoints:
-    """last.pt and best.pt of one run; a save never leaves a NaN state or a half-written file behind.
-
-    In a data-parallel run every rank calls each save at the same step; rank 0 writes the file.
-    """
-
-    def __init__(self, built: Any, folder: Path, dist: Any = None) -> None:
-        self.built = built
-        self.folder = folder
-        self.dist = dist
-        self.main = dist is None or dist.is_main
-        train = built.config.train
-        # by default the val loss decides, or the train loss without validation (build_run refuses
-        # an explicit val_* monitor then)
-        self.monitor = train.monitor or ("val_loss" if built.val_batches is not None else "train_loss")
-        self.mode = train.mode or ("max" if "accuracy" in self.monitor else "min")
-        from trainer.checkpoint import BackgroundWrites
-
-        self.writes = BackgroundWrites()
-        # a process killed mid-save (SIGKILL, power loss) leaves its temporary file; only one run writes here
-        for stale in folder.glob(".*.pt.*.tmp") if folder.is_dir() and self.main else []:
-            stale.unlink(missing_ok=True)
-
-    def save(self, state: Any, *, best: bool = False) -> None:
-        """Save last.pt (and best.pt, the same state); the wait for the disk goes on in the background.
-
-        An error of the previous save's background part stops the run here, or in `finish`.
-        """
-        from trainer.engine import check_finite
-
-        check_finite(state.running, self.dist)  # a non-finite loss must not overwrite the last good checkpoint
-        running_by_rank = None
-        if self.dist is not None:
-            running_by_rank = self.dist.gather(_on_cpu(state.running))
-        error = self._write(state, running_by_rank, best) if self.main else None
-        self._raise(error)
-
-    def _write(self, state: Any, running_by_rank: list[dict[str, Any]] | None, best: bool) -> str | None:
-        """Write the files (their fsync and rename in the background); why they cannot be, or None."""
-        from trainer.checkpoint import commit, link_or_copy, serialize, stage, training_state
-
-        error = self.writes.wait()  # the previous save is on disk before this one starts: at most one in flight
-        if error is not None:
-            return _cannot_write(*error)
-        last = self.folder / "last.pt"
-        try:
-            staged = stage(serialize(training_state(self.built, state, running_by_rank)), last)
-        except (OSError, RuntimeError) as err:  # torch's zip writer reports a full disk as a RuntimeError
-            return _cannot_write(last, err)
-        # with best.pt, the folder's fsync comes once, after both renames
-        self.writes.submit(last, commit, staged, sync_folder=not best)
-        if best:  # best.pt is this same state: a second name for last.pt's new file
-            self.writes.submit(self.folder / "best.pt", link_or_copy, last, self.folder / "best.pt")
-        return None
-
-    def finish(self) -> None:
-        """Wait until every checkpoint asked for is on disk; stop the run if one could not be written.
-        In a data-parallel run every rank calls it."""
-        error = self.writes.wait() if self.main else None
-        self._raise(_cannot_write(*error) if error is not None else None)
-
-    def close(self) -> None:
-        """Wait for the writes in flight (after a failure elsewhere: their own errors are not news)."""
-        self.writes.close()
-
-    def _raise(self, error: str | None) -> None:
-        if self.dist is not None:
-            error = self.dist.broadcast(error)  # every rank stops if rank 0 could not write
-        if error:
-            raise TrainingFailed(error)
-
-    def record_best(self, state: Any) -> bool:
-        """Whether this epoch's monitored metric is the best so far; if so, remember its value."""
-        value = state.history[-1].get(self.monitor)
-        if value is None:
-            return False
-        best = state.best_checkpoint
-        if best is None or (value > best if self.mode == "max" else value < best):
-            state.best_checkpoint = value
-            return True
-        return False
-
-
-def _cannot_write(path: Path, err: Exception) -> str:
-    reason = getattr(err, "strerror", None) or first_line(err)
-    return f"cannot write checkpoint '{path}': {reason}; the previous one is intact"
-
-
 # ---------------------------------------------------------------------------------------------
 # evaluating a saved model
 
@@ -599,6 +583,7 @@ def evaluate_checkpoint(target: Path, *, split: str = "val", which: str | None =
     """
     from trainer.build import build_run
     from trainer.config import ConfigError, config_from_dict
+    from trainer.checkpoint import trainer_checkpoint
     from trainer.engine import evaluate
 
     target = Path(target)
@@ -613,7 +598,7 @@ def evaluate_checkpoint(target: Path, *, split: str = "val", which: str | None =
         raise UsageError("--best and --last pick a checkpoint in a run folder; give the folder, not a file")
     else:
         path = target
-    payload = _trainer_checkpoint(path)
+    payload = trainer_checkpoint(path)
     if split not in ("val", "test", "train"):
         raise UsageError(f"unknown split '{split}'; accepted: val, test, train", key="--split")
     try:
@@ -633,116 +618,6 @@ def evaluate_checkpoint(target: Path, *, split: str = "val", which: str | None =
     )
     step = payload.get("train_state", {}).get("step")
     return {"checkpoint": str(path), "split": split, "step": step, "samples": batches.num_samples, **metrics}
-
-
-# ---------------------------------------------------------------------------------------------
-# resuming
-
-
-def find_checkpoint(spec: str | Path, *, name: str, root: Path) -> tuple[Path, dict[str, Any]]:
-    """The checkpoint `--resume` names (a file, a run folder, or `auto`) and its contents.
-
-    `auto` and a run folder pick the newest checkpoint that loads, skipping corrupt ones.
-    """
-    spec_path = Path(spec)
-    if str(spec) == "auto":
-        candidates = sorted(Path(root).glob(f"{name}/*/checkpoints/*.pt"), key=_recency, reverse=True)
-        where = f"under {Path(root) / name}"
-    elif spec_path.is_dir():
-        folder = spec_path / "checkpoints" if (spec_path / "checkpoints").is_dir() else spec_path
-        candidates = sorted(folder.glob("*.pt"), key=_recency, reverse=True)
-        where = f"in {folder}"
-    elif spec_path.exists():
-        return spec_path, _trainer_checkpoint(spec_path)
-    else:
-        raise UsageError(f"--resume '{spec}' does not exist; give a checkpoint file, a run folder or auto")
-    skipped = []
-    for candidate in candidates:
-        try:
-            return candidate, _trainer_checkpoint(candidate)
-        except UsageError as err:
-            skipped.append(str(err))
-    detail = "".join(f"\n  skipped: {s}" for s in skipped)
-    raise UsageError(f"no checkpoint that loads {where}{detail}")
-
-
-def _trainer_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint of a format this version of trainer reads (any .pt that loads is not one)."""
-    from trainer.checkpoint import CHECKPOINT_FORMAT, READABLE_FORMATS, load_checkpoint
-
-    payload = load_checkpoint(path)
-    found = payload.get("format") if isinstance(payload, dict) else None
-    if not isinstance(payload, dict) or found is None or "config" not in payload:
-        raise UsageError(
-            f"checkpoint '{path}' is not a trainer checkpoint (no format number and config in it); "
-            "give the last.pt or best.pt of a trainer run"
-        )
-    if found not in READABLE_FORMATS:
-        readable = " or ".join(map(str, READABLE_FORMATS))
-        newer = isinstance(found, int) and found > CHECKPOINT_FORMAT
-        advice = "it was written by a newer trainer: upgrade trainer to read it" if newer else "no version of trainer wrote it"
-        raise UsageError(f"checkpoint '{path}' has format {found!r}, and this version reads format {readable}; {advice}")
-    return payload
-
-
-def _on_cpu(running: dict[str, Any]) -> dict[str, Any]:
-    """A rank's `TrainState.running` with its tensors on the CPU, to gather into rank 0's checkpoint."""
-    out: dict[str, Any] = {}
-    for key, value in running.items():
-        if isinstance(value, list):
-            out[key] = [v.detach().cpu() for v in value]
-        else:
-            out[key] = value.detach().cpu() if hasattr(value, "detach") else value
-    return out
-
-
-def _recency(path: Path) -> tuple[float, bool]:
-    # best.pt is often a hard link to last.pt, with the same mtime: name last.pt, the resumed file
-    return path.stat().st_mtime, path.name == "last.pt"
-
-
-# the parts of a config that make a resumed run a different run; a longer budget does not, except
-# for a schedule whose length was fixed from the old budget (its restored state keeps that length)
-_RUN_DEFINING = ("seed", "model", "data", "loss", "optimizer", "scheduler", "precision")
-_SCHEDULE_LENGTHS = ("scheduler.T_max", "scheduler.total_steps", "scheduler.total_iters")
-
-
-def refuse_changed_run(saved: dict[str, Any], current: dict[str, Any], checkpoint: Path, *, force: bool) -> None:
-    """Raise UsageError listing what differs in what defines the run, unless `force`.
-
-    The optimizer's and scheduler's restored states would silently override a changed lr or
-    schedule, so those count as differences too.
-    """
-    old, new = _flatten({k: saved.get(k) for k in _RUN_DEFINING}), _flatten({k: current.get(k) for k in _RUN_DEFINING})
-    differences = []
-    for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key):
-            differences.append(f"{key}: {old.get(key, '(not set)')!r} in the checkpoint, {new.get(key, '(not set)')!r} now")
-    budget = ("epochs", "max_steps")
-    old_budget = {k: (saved.get("train") or {}).get(k) for k in budget}
-    new_budget = {k: (current.get("train") or {}).get(k) for k in budget}
-    fixed = [k for k in _SCHEDULE_LENGTHS if k in old]
-    if old_budget != new_budget and fixed and not differences:
-        differences.append(
-            f"train budget {old_budget} in the checkpoint, {new_budget} now: the scheduler's "
-            f"{fixed[0].split('.')[1]}={old[fixed[0]]} was fixed from the old budget and would not follow"
-        )
-    if differences and not force:
-        listed = "".join(f"\n  {d}" for d in differences)
-        raise UsageError(
-            f"the config differs from the one checkpoint '{checkpoint}' was trained with:{listed}\n"
-            "resuming would not continue the same run; pass --force to resume anyway"
-        )
-
-
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}; lists stay values."""
-    if not isinstance(value, dict):
-        return {prefix: value}
-    flat: dict[str, Any] = {}
-    for key, inner in value.items():
-        flat.update(_flatten(inner, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
 
 
 def _note_resume(folder: Path, checkpoint: Path, step: int) -> None:
@@ -772,5 +647,7 @@ def _summary(status: str, error: str | None, state: Any, seconds: float, built: 
 
 def _hparams(config: Any) -> dict[str, Any]:
     """Flat `section.key` hyperparameters for TensorBoard's HParams tab (lists as text)."""
-    flat = _flatten(config.model_dump(mode="json"))
+    from trainer.checkpoint import flatten
+
+    flat = flatten(config.model_dump(mode="json"))
     return {k: str(v) if isinstance(v, list) else v for k, v in flat.items()}
