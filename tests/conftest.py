@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,3 +89,24 @@ def tiny_config(**sections: Any) -> dict[str, Any]:
 def tiny():
     """Factory for the tiny config dict (keyword arguments replace whole sections)."""
     return tiny_config
+
+
+def start_run(tmp_path: Path, *args: Any, env: dict[str, str] | None = None, **sections: Any) -> tuple[subprocess.Popen, Path]:
+    """Start `trainer run` of the tiny config (`sections` replace its sections; `args` are added to
+    the command) into tmp_path/run, and wait until its first last.pt exists: training has started.
+
+    The default train section runs for hours and saves at every epoch end."""
+    sections.setdefault("train", {"epochs": 100000, "log_every": 1, "checkpoint_interval_s": 0})
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(**sections)))
+    folder = tmp_path / "run"
+    proc = subprocess.Popen(
+        [trainer_executable(), "run", str(path), "--run-dir", str(folder), *map(str, args)],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (folder / "checkpoints" / "last.pt").exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the run saved no checkpoint in 120 s"
+        time.sleep(0.1)
+    return proc, folder

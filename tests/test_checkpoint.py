@@ -420,3 +420,72 @@ def test_random_states_of_earlier_checkpoints_still_restore():
             "torch": cpu,
         })  # fmt: skip
         assert _draws() == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# cadence: when a run saves
+
+
+def saved_steps(tmp_path, monkeypatch, **train):
+    """Train a linear regression (4 steps an epoch) with `train`; the step of each checkpoint written,
+    and of last.pt and best.pt at the end."""
+    import trainer.checkpoint
+    from trainer.config import config_from_dict
+    from trainer.runs import execute_run
+
+    from conftest import tiny_config
+
+    written = []
+    real_serialize = trainer.checkpoint.serialize
+
+    def serialize(payload):
+        written.append(payload["train_state"]["step"])
+        return real_serialize(payload)
+
+    monkeypatch.setattr(trainer.checkpoint, "serialize", serialize)
+    # y = 2x from 4 points, one a step: the loss falls every epoch, so the highest is the first epoch's
+    data = {"name": "tensors", "x": [[1.0], [2.0], [3.0], [4.0]], "y": [[2.0], [4.0], [6.0], [8.0]], "batch_size": 1,
+            "val_fraction": 0, "shuffle": False}  # fmt: skip
+    config = tiny_config(model={"name": "linear_regression"}, data=data, train={"log_every": 100, **train})
+    result = execute_run(config_from_dict(config), root=tmp_path, quiet=True)
+    assert result.status == "completed", result.error
+    checkpoints = result.run_dir / "checkpoints"
+    steps = {name: torch.load(checkpoints / name, weights_only=True)["train_state"]["step"] for name in ("last.pt", "best.pt")}
+    return written, steps
+
+
+def test_epoch_ends_save_by_time_and_the_run_end_always_saves(tmp_path, monkeypatch):
+    # the run takes well under the default 10 s: its one save is the run's end
+    written, steps = saved_steps(tmp_path, monkeypatch, epochs=4)
+    assert written == [16] and steps == {"last.pt": 16, "best.pt": 16}
+    # 0: every epoch end
+    written, _ = saved_steps(tmp_path / "every", monkeypatch, epochs=4, checkpoint_interval_s=0)
+    assert written == [4, 8, 12, 16]
+
+
+def test_best_holds_the_best_epoch_even_when_it_was_not_saved_at_once(tmp_path, monkeypatch):
+    # "best" is the highest train loss, the first epoch's: kept in memory, written as best.pt at the run's end
+    written, steps = saved_steps(tmp_path, monkeypatch, epochs=4, monitor="train_loss", mode="max")
+    assert steps == {"last.pt": 16, "best.pt": 4} and sorted(written) == [4, 16]
+
+
+def test_checkpoint_every_saves_within_epochs_and_brings_a_kept_best_along(tmp_path, monkeypatch):
+    written, steps = saved_steps(tmp_path, monkeypatch, epochs=3, checkpoint_every=6, monitor="train_loss", mode="max")
+    # step 6: last.pt, and best.pt from epoch 1 (kept since step 4); step 12: the end
+    assert written == [6, 4, 12] and steps == {"last.pt": 12, "best.pt": 4}
+
+
+def test_a_killed_run_loses_at_most_the_interval(tmp_path):
+    import signal
+    import time
+
+    from conftest import start_run
+
+    proc, folder = start_run(tmp_path, train={"epochs": 100000, "log_every": 1000, "checkpoint_interval_s": 0.5})
+    last = folder / "checkpoints" / "last.pt"
+    first = torch.load(last, weights_only=True)["train_state"]["step"]
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # saves kept coming every half second or so while it trained: the newest is later than the first
+    assert torch.load(last, weights_only=True)["train_state"]["step"] > first

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import trainer_executable
+from conftest import start_run
 from trainer.checkpoint import state_digest
 from trainer.distributed import Distributed, from_environment, launch_command, rank_device
 from trainer.distributed import _free_port as free_port  # the port --nproc gives torchrun
@@ -262,25 +262,17 @@ def _rank_pid(launcher: subprocess.Popen, rank: int) -> int:
     raise AssertionError(f"no process with RANK={rank} under {launcher.pid}")
 
 
-def _start_long_run(write_config, tmp_path: Path) -> tuple[subprocess.Popen, Path]:
-    config = write_config(classification(*MLP, size=4096, epochs=1000, checkpoint_every=20) | {"name": "long"})
-    folder = tmp_path / "long"
-    launcher = subprocess.Popen(
-        [trainer_executable(), "run", str(config), "--nproc", "2", "--run-dir", str(folder)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **LOOPBACK},
-    )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not (folder / "checkpoints" / "last.pt").exists():
-        assert launcher.poll() is None, launcher.communicate()
-        assert time.monotonic() < deadline, "no checkpoint after 120 s"
-        time.sleep(0.1)
-    return launcher, folder
+def _start_long_run(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    """A 2-process run that trains for minutes, once its first checkpoint (step 20) is written."""
+    config = classification(*MLP, size=4096, epochs=1000, checkpoint_every=20)
+    sections = {k: v for k, v in config.items() if k in ("model", "data", "loss", "optimizer", "train")}
+    return start_run(tmp_path, "--nproc", "2", env=LOOPBACK, **sections)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the rank's process in /proc")
 @pytest.mark.parametrize("rank", [0, 1])
 def test_killing_one_rank_ends_the_job_and_leaves_a_loadable_checkpoint(rank, write_config, tmp_path):
-    launcher, folder = _start_long_run(write_config, tmp_path)
+    launcher, folder = _start_long_run(tmp_path)
     os.kill(_rank_pid(launcher, rank), signal.SIGKILL)
     killed = time.monotonic()
     _, stderr = launcher.communicate(timeout=90)
@@ -294,7 +286,7 @@ def test_killing_one_rank_ends_the_job_and_leaves_a_loadable_checkpoint(rank, wr
 
 
 def test_sigterm_to_the_launcher_stops_every_rank_after_the_same_step(write_config, tmp_path):
-    launcher, folder = _start_long_run(write_config, tmp_path)
+    launcher, folder = _start_long_run(tmp_path)
     launcher.send_signal(signal.SIGTERM)
     stdout, stderr = launcher.communicate(timeout=90)
     assert launcher.returncode == 143, stderr

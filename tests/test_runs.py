@@ -6,12 +6,11 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import tiny_config, trainer_executable
+from conftest import start_run, tiny_config
 from trainer.config import config_from_dict
 from trainer.errors import UsageError
 from trainer.runs import create_run_dir, environment, execute_run, started_in
@@ -89,29 +88,9 @@ def test_a_failed_run_records_failed_and_keeps_the_last_good_checkpoint(tmp_path
     assert json.loads((result.run_dir / "summary.json").read_text())["status"] == "failed"
 
 
-def _start_long_run(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
-    import yaml
-
-    config = tiny_config(train={"epochs": 100000, "log_every": 1})
-    path = tmp_path / "long.yaml"
-    path.write_text(yaml.safe_dump(config))
-    run_dir = tmp_path / "run"
-    proc = subprocess.Popen(
-        [trainer_executable(), "run", str(path), "--run-dir", str(run_dir)],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    deadline = time.monotonic() + 120
-    # wait until training has really started: a checkpoint exists after the first epochs
-    while not (run_dir / "checkpoints" / "last.pt").exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "the run did not start training"
-        time.sleep(0.1)
-    return proc, run_dir
-
-
 @pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_stops_the_run_cleanly(tmp_path, signum, code):
-    proc, run_dir = _start_long_run(tmp_path)
+    proc, run_dir = start_run(tmp_path)
     os.kill(proc.pid, signum)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == code, stderr
@@ -143,7 +122,7 @@ def test_a_signal_just_after_the_run_folder_is_made_still_leaves_a_summary(tmp_p
 
 
 def test_a_run_folder_in_use_is_refused_to_a_second_process(cli, tmp_path):
-    proc, run_dir = _start_long_run(tmp_path)
+    proc, run_dir = start_run(tmp_path)
     try:
         refused = cli("resume", run_dir, "train.epochs=200000")
     finally:
@@ -249,6 +228,24 @@ def test_resuming_a_complete_run_trains_nothing_and_changes_no_file(cli, tmp_pat
     longer = cli("resume", folder, "train.epochs=3", "-q")
     assert longer.code == 0, longer.output
     assert json.loads((folder / "summary.json").read_text())["epochs"] == 3
+
+
+@pytest.mark.parametrize("scheduler", [None, {"name": "cosine"}], ids=["no-schedule", "cosine"])
+def test_the_command_a_complete_run_suggests_works_as_printed(cli, tmp_path, write_config, tiny, scheduler):
+    import shlex
+
+    config = write_config(tiny(train={"epochs": 2}, **({"scheduler": scheduler} if scheduler else {})))
+    folder = tmp_path / "run"
+    assert cli("run", config, "--run-dir", folder, "-q").code == 0
+    note = cli("resume", folder).stderr.strip()
+    command = shlex.split(note.rsplit(": ", 1)[1])
+    assert command[0] == "trainer"
+    if scheduler:  # cosine's T_max was fixed from the 2-epoch budget: a longer run is a new run
+        assert command[1:] == ["run", f"{folder}/config.yaml", "train.epochs=4", "scheduler.T_max=4"]
+    trained = cli(*command[1:], "-q")
+    assert trained.code == 0, trained.output
+    summary = json.loads((tmp_path / trained.stdout.strip().splitlines()[-1] / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["epochs"] == 4
 
 
 def test_a_complete_run_limited_by_max_steps_is_told_to_raise_max_steps(cli, tmp_path, write_config, tiny):
@@ -391,7 +388,7 @@ def test_a_run_killed_outright_resumes_into_the_uninterrupted_run(cli, tmp_path)
 
 @pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_mid_epoch_saves_and_resume_completes(cli, tmp_path, signum, code):
-    proc, run_dir = _start_long_run(tmp_path)
+    proc, run_dir = start_run(tmp_path)
     os.kill(proc.pid, signum)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == code
