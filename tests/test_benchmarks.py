@@ -133,3 +133,24 @@ def test_twin_ends_with_the_parameters_of_its_trainer_run(tmp_path, name, max_st
     for (key, ours), theirs in zip(saved.items(), twin.params):
         assert torch.equal(ours, theirs), key
 
+
+def test_seeds_prints_a_row_per_config_with_numbers():
+    out = subprocess.run(
+        [sys.executable, BENCHMARKS / "seeds.py", "--rounds", "1", "--configs", "sqrt2", "--no-one-step", "--threads", "1"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert first_column(out.stdout) == ["config", "sqrt2"]
+    row = next(line for line in out.stdout.splitlines() if line.startswith("| sqrt2 "))
+    cells = [cell.strip() for cell in row.strip("|").split("|")][1:]
+    assert int(cells[0]) == 200  # the config's steps, taken by both
+    assert all(float(cell.removesuffix("x")) > 0 for cell in cells[1:])
+
+
+def test_seeds_overrides_go_to_every_config_or_the_one_named():
+    sys.path.insert(0, str(BENCHMARKS))
+    from seeds import overrides_for
+
+    given = ["train.log_every=5", "mlp:data.size=1", "sqrt2:train.epochs=2", "optimizer.name=a:b"]
+    assert overrides_for("mlp", given) == ["train.log_every=5", "data.size=1", "optimizer.name=a:b"]
+    assert overrides_for("lenet", given) == ["train.log_every=5", "optimizer.name=a:b"]
