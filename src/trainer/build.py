@@ -75,16 +75,37 @@ def build_run(
     torch_device, reason = resolve_device(device or config.device)
     precision = resolve_precision(config.precision, torch_device)
     apply_backend_switches(torch_device, cudnn_benchmark=config.train.cudnn_benchmark, tf32=config.train.tf32)
-    resolved = config.model_copy(deep=True)
+    resolved = config.model_copy(deep=True)  # what the data determines is filled in here
     resolved.device = device or config.device
 
-    # data
-    model_entry = MODELS.get(config.model.name)
-    model_input_shape = model_entry.info.get("input_shape")
-    data_kwargs = config.data.kwargs
+    train_batches, val_batches, info = _build_data(config, resolved, data_dir=data_dir, rank=rank, world_size=world_size)
+    model = _build_model(config, resolved, info, torch_device)
+    train_batches = train_batches.to(torch_device, channels_last=config.train.channels_last)
+    val_batches = val_batches.to(torch_device, channels_last=config.train.channels_last) if val_batches is not None else None
+    loss_fn = _component("loss", config.loss.name, lambda: LOSSES.build(config.loss.name, **config.loss.kwargs))
+    optimizer = _component(
+        "optimizer", config.optimizer.name, lambda: OPTIMIZERS.build(config.optimizer.name, model.parameters(), **config.optimizer.kwargs)
+    )
+    epochs = _epochs(config, len(train_batches), info)
+    scheduler, interval = _build_scheduler(config, resolved, optimizer, epochs=epochs, steps_per_epoch=len(train_batches))
+    _check_monitor(config, has_validation=val_batches is not None, task=info.task)
+    settings = LoopSettings(
+        epochs=epochs, max_steps=config.train.max_steps, log_every=config.train.log_every, grad_clip=config.train.grad_clip,
+        classification=info.task == "classification", scheduler_interval=interval,
+    )  # fmt: skip
+    return Built(
+        config=resolved, device=torch_device, device_reason=reason, precision=precision, info=info,
+        train_batches=train_batches, val_batches=val_batches, model=model, loss_fn=loss_fn, optimizer=optimizer,
+        scheduler=scheduler, scaler=precision.grad_scaler(), settings=settings, rank=rank, world_size=world_size,
+    )  # fmt: skip
+
+
+def _build_data(config: Config, resolved: Config, *, data_dir: Path | None, rank: int, world_size: int) -> tuple[Any, Any, DataInfo]:
+    """The train and validation batches (this rank's shares) and what the data is; fills in `image_size`."""
+    model_input_shape = MODELS.get(config.model.name).info.get("input_shape")
     train_batches, val_batches, info = build_data(
         config.data.name,
-        _under(data_dir, data_kwargs),
+        _under(data_dir, config.data.kwargs),
         batch_size=config.data.batch_size,
         val_fraction=config.data.val_fraction,
         shuffle=config.data.shuffle,
@@ -95,37 +116,32 @@ def build_run(
         train_batches.shard(rank, world_size, pad=True)  # every rank takes the same number of steps
         if val_batches is not None:
             val_batches.shard(rank, world_size, pad=False)  # every sample counted once
-    if "image_size" in DATASETS.get(config.data.name).parameters() and data_kwargs.get("image_size") is None:
+    if "image_size" in DATASETS.get(config.data.name).parameters() and config.data.kwargs.get("image_size") is None:
         setattr(resolved.data, "image_size", info.input_shape[-1])
-    channels_last = config.train.channels_last
-    if channels_last and len(info.input_shape) != 3:
+    if config.train.channels_last and len(info.input_shape) != 3:
         raise UsageError(
             f"needs image data, batches of shape (N, C, H, W); data '{config.data.name}' gives samples of shape "
             f"{tuple(info.input_shape)}; set train.channels_last=false",
             key="train.channels_last",
         )
+    return train_batches, val_batches, info
 
-    # model, with the sizes the data determines
-    inferred = infer_model_kwargs(config.model.name, config.model.kwargs, info)
-    for key, value in inferred.items():
+
+def _build_model(config: Config, resolved: Config, info: DataInfo, device: torch.device) -> nn.Module:
+    """The model with the sizes the data determines (filled into `resolved`), on `device`."""
+    for key, value in infer_model_kwargs(config.model.name, config.model.kwargs, info).items():
         setattr(resolved.model, key, value)
     model = _component("model", config.model.name, lambda: MODELS.build(config.model.name, **resolved.model.kwargs))
-    model = model.to(torch_device)
-    if channels_last:
+    model = model.to(device)
+    if config.train.channels_last:
         model = model.to(memory_format=torch.channels_last)  # 4-D weights only (convolutions)
-    train_batches = train_batches.to(torch_device, channels_last=channels_last)
-    val_batches = val_batches.to(torch_device, channels_last=channels_last) if val_batches is not None else None
     if config.train.compile is not False:
         compile_model(model, config.train.compile)  # in place, compiled on the first call: the one-batch check
+    return model
 
-    # loss and optimizer
-    loss_fn = _component("loss", config.loss.name, lambda: LOSSES.build(config.loss.name, **config.loss.kwargs))
-    optimizer = _component(
-        "optimizer", config.optimizer.name, lambda: OPTIMIZERS.build(config.optimizer.name, model.parameters(), **config.optimizer.kwargs)
-    )
 
-    # the budget: epochs, or as many as max_steps needs
-    steps_per_epoch = len(train_batches)
+def _epochs(config: Config, steps_per_epoch: int, info: DataInfo) -> int | float:
+    """The budget in epochs: `train.epochs`, or as many as max_steps needs (whichever limit comes first)."""
     if steps_per_epoch == 0:
         raise UsageError(
             f"the training split is empty or smaller than one batch ({info.train_size} samples, batch_size "
@@ -134,66 +150,47 @@ def build_run(
         )
     train = config.train
     epochs = train.epochs or (DEFAULT_EPOCHS if train.max_steps is None else math.inf)
-    if train.max_steps is not None:  # both set: whichever limit comes first
+    if train.max_steps is not None:
         epochs = min(epochs, math.ceil(train.max_steps / steps_per_epoch))
+    return epochs
 
-    # scheduler
-    scheduler, interval = None, "epoch"
-    if config.scheduler is not None:
-        sched = config.scheduler
-        interval = sched.interval or scheduler_interval(sched.name)
-        if interval == "step" and SCHEDULERS.get(sched.name).name == "reduce_lr_on_plateau":
-            raise UsageError(
-                "reduce_lr_on_plateau steps with the validation loss, once per epoch; "
-                "leave out scheduler.interval or set it to epoch",
-                key="scheduler.interval",
-            )
-        total_steps = LoopSettings(epochs=epochs, max_steps=train.max_steps).last_step(steps_per_epoch)
-        fills = schedule_length_kwargs(sched.name, sched.kwargs, interval=interval, epochs=epochs, total_steps=total_steps)
-        for key, value in fills.items():
-            setattr(resolved.scheduler, key, value)
-        resolved.scheduler.interval = interval
-        scheduler = _component(
-            "scheduler", sched.name, lambda: SCHEDULERS.build(sched.name, optimizer, **{**sched.kwargs, **fills})
+
+def _build_scheduler(
+    config: Config, resolved: Config, optimizer: torch.optim.Optimizer, *, epochs: int | float, steps_per_epoch: int
+) -> tuple[Any, str]:
+    """The scheduler (or None) and when it steps; a schedule's length left out is filled from the budget."""
+    sched = config.scheduler
+    if sched is None:
+        return None, "epoch"
+    interval = sched.interval or scheduler_interval(sched.name)
+    if interval == "step" and SCHEDULERS.get(sched.name).name == "reduce_lr_on_plateau":
+        raise UsageError(
+            "reduce_lr_on_plateau steps with the validation loss, once per epoch; "
+            "leave out scheduler.interval or set it to epoch",
+            key="scheduler.interval",
         )
+    total_steps = LoopSettings(epochs=epochs, max_steps=config.train.max_steps).last_step(steps_per_epoch)
+    fills = schedule_length_kwargs(sched.name, sched.kwargs, interval=interval, epochs=epochs, total_steps=total_steps)
+    for key, value in fills.items():
+        setattr(resolved.scheduler, key, value)
+    resolved.scheduler.interval = interval
+    scheduler = _component("scheduler", sched.name, lambda: SCHEDULERS.build(sched.name, optimizer, **{**sched.kwargs, **fills}))
+    return scheduler, interval
 
+
+def _check_monitor(config: Config, *, has_validation: bool, task: str) -> None:
+    """train.monitor must name a metric the run will have."""
     monitor = config.train.monitor or ""
-    if monitor.startswith("val_") and val_batches is None:
+    if monitor.startswith("val_") and not has_validation:
         raise UsageError(
             f"'{monitor}' needs a validation split, and data.val_fraction is 0; use train_loss or set data.val_fraction",
             key="train.monitor",
         )
-    if monitor == "val_accuracy" and info.task != "classification":
+    if monitor == "val_accuracy" and task != "classification":
         raise UsageError(
             f"'{monitor}' needs class labels, and data '{config.data.name}' gives regression targets; use val_loss",
             key="train.monitor",
         )
-
-    settings = LoopSettings(
-        epochs=epochs,
-        max_steps=train.max_steps,
-        log_every=train.log_every,
-        grad_clip=train.grad_clip,
-        classification=info.task == "classification",
-        scheduler_interval=interval,
-    )
-    return Built(
-        config=resolved,
-        device=torch_device,
-        device_reason=reason,
-        precision=precision,
-        info=info,
-        train_batches=train_batches,
-        val_batches=val_batches,
-        model=model,
-        loss_fn=loss_fn,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        scaler=precision.grad_scaler(),
-        settings=settings,
-        rank=rank,
-        world_size=world_size,
-    )
 
 
 COMPILE_BACKEND: Any = "inductor"  # torch.compile's backend; tests swap in "eager" or a stub
