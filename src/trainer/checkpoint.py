@@ -231,10 +231,13 @@ def state_digest(state_dict: dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def training_state(built: Any, state: Any, running_by_rank: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def training_state(
+    built: Any, state: Any, running_by_rank: list[dict[str, Any]] | None = None, config: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Everything a run needs to continue exactly: plain state dicts, tensors and numbers only,
     so the file loads with weights_only=True.
 
+    `config`: `built.config` as JSON, when the caller keeps it (it does not change during a run).
     A data-parallel run passes every rank's `TrainState.running` (its own losses since the last
     log point): each rank resumes with its own. Everything else is the same on every rank.
     """
@@ -259,7 +262,7 @@ def training_state(built: Any, state: Any, running_by_rank: list[dict[str, Any]]
             "world_size": built.world_size,  # each rank's share depends on it
         },
         "rng": rng_state(),
-        "config": built.config.model_dump(mode="json"),
+        "config": config if config is not None else built.config.model_dump(mode="json"),
         "versions": {"trainer": __version__, "torch": str(torch.__version__)},
     }
     if running_by_rank is not None:
@@ -349,6 +352,7 @@ class Checkpoints:
         self.mode = train.mode or ("max" if "accuracy" in self.monitor else "min")
         self.interval_s = train.checkpoint_interval_s
         self.every_steps = train.checkpoint_every or 0
+        self.config = built.config.model_dump(mode="json")
         self.last_saved = time.monotonic()  # the run's start (or resume) counts as a save
         self.best_copy: dict[str, Any] | None = None  # the best epoch's state, when it was not saved at once
         self.writes = BackgroundWrites()
@@ -386,7 +390,7 @@ class Checkpoints:
 
     def _payload(self, state: Any) -> dict[str, Any]:
         running_by_rank = self.dist.gather(_on_cpu(state.running)) if self.dist is not None else None
-        return training_state(self.built, state, running_by_rank)
+        return training_state(self.built, state, running_by_rank, self.config)
 
     def _write(self, payload: dict[str, Any], best: bool) -> str | None:
         """Write the files (their fsync and rename in the background); why they cannot be, or None."""

@@ -254,14 +254,13 @@ def train_epoch(
     precision: Precision,
     running: RunningLoss,
     last_step: int,
-    scaler: Any = None,
+    scaler: Any,
     scheduler: Any = None,
     tracker: Tracker | None = None,
     after_step: Callable[[TrainState], None] | None = None,
 ) -> None:
     """Train over the rest of the current epoch (from `state.batch_in_epoch`) or until `last_step`."""
     model.train()
-    scaler = scaler or torch.amp.GradScaler(precision.device_type, enabled=False)  # a no-op unless fp16
     for inputs, targets in batches.epoch(state.epoch, start_batch=state.batch_in_epoch):
         # forward
         with precision.autocast():
@@ -384,6 +383,7 @@ def fit(
     """
     state = state or TrainState()
     running = RunningLoss(state, next(model.parameters()).device, dist)
+    scaler = scaler or torch.amp.GradScaler(precision.device_type, enabled=False)  # a no-op unless fp16
     # validation runs each rank's share through the bare model: DDP's forward would sync buffers
     eval_model = model.module if dist is not None else model
     steps_per_epoch = len(train_batches)
