@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import pickle
 import random
@@ -46,8 +47,7 @@ def stage(data: bytes | memoryview | Path, path: Path) -> StagedFile:
     """Write `data` (bytes, or the contents of the file it names) to a temporary file in `path`'s
     folder: a read-only folder or a full disk fails here, in the caller's thread; `commit` makes it
     durable and puts it in place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)  # its folder must exist: a run folder deleted mid-run is not made again here
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         if isinstance(data, Path):
@@ -92,6 +92,7 @@ def discard(staged: StagedFile) -> None:
 
 def atomic_save(obj: Any, path: Path) -> None:
     """torch.save `obj` to `path` so that a crash leaves either the old file or the new one, never half of one."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     commit(stage(serialize(obj), path))
 
 
@@ -189,19 +190,26 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def rng_state() -> dict[str, Any]:
-    """Every random number generator the run draws from, as bytes and plain values."""
-    py_version, py_state, py_gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+def capture_rng() -> tuple[Any, ...]:
+    """Every random number generator's state as it comes (copies, quick to take); `rng_state` packs them."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
+
+
+def rng_state(captured: tuple[Any, ...] | None = None) -> dict[str, Any]:
+    """Every random number generator the run draws from (now, or as `captured` earlier), as bytes
+    and plain values."""
+    (py_version, py_state, py_gauss), numpy_state, torch_state, cuda = captured or capture_rng()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = numpy_state
     # bytes, not tensors or 625 ints: torch.save calls back into Python once per pickled object
     # and writes a zip record per tensor
     state = {
         "python": [py_version, struct.pack(f"<{len(py_state)}I", *py_state), py_gauss],
         "numpy": [np_name, np_keys.astype("<u4").tobytes(), np_pos, np_has_gauss, np_gauss],
-        "torch": torch.get_rng_state().numpy().tobytes(),
+        "torch": torch_state.numpy().tobytes(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if cuda is not None:
+        state["cuda"] = cuda
     return state
 
 
@@ -232,12 +240,14 @@ def state_digest(state_dict: dict[str, Any]) -> str:
 
 
 def training_state(
-    built: Any, state: Any, running_by_rank: list[dict[str, Any]] | None = None, config: dict[str, Any] | None = None
+    built: Any, state: Any, running_by_rank: list[dict[str, Any]] | None = None, config: dict[str, Any] | None = None,
+    rng: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything a run needs to continue exactly: plain state dicts, tensors and numbers only,
     so the file loads with weights_only=True.
 
-    `config`: `built.config` as JSON, when the caller keeps it (it does not change during a run).
+    `config`: `built.config` as JSON, when the caller keeps it (it does not change during a run);
+    `rng`: what `rng_state` gave, when the caller took it earlier.
     A data-parallel run passes every rank's `TrainState.running` (its own losses since the last
     log point): each rank resumes with its own. Everything else is the same on every rank.
     """
@@ -261,7 +271,7 @@ def training_state(
             "shuffle": built.config.data.shuffle,
             "world_size": built.world_size,  # each rank's share depends on it
         },
-        "rng": rng_state(),
+        "rng": rng if rng is not None else rng_state(),
         "config": config if config is not None else built.config.model_dump(mode="json"),
         "versions": {"trainer": __version__, "torch": str(torch.__version__)},
     }
@@ -342,8 +352,9 @@ class Checkpoints:
     calls each method at the same step; rank 0 writes the files.
     """
 
-    def __init__(self, built: Any, folder: Path, dist: Any = None) -> None:
+    def __init__(self, built: Any, folder: Path, dist: Any = None, check_folder: Callable[[], str | None] | None = None) -> None:
         self.built, self.folder, self.dist = built, folder, dist
+        self.check_folder = check_folder  # on rank 0 before each save: why the run folder cannot be written to, or None
         self.main = dist is None or dist.is_main
         train = built.config.train
         # by default the val loss decides, or the train loss without validation (build_run refuses
@@ -353,11 +364,14 @@ class Checkpoints:
         self.interval_s = train.checkpoint_interval_s
         self.every_steps = train.checkpoint_every or 0
         self.config = built.config.model_dump(mode="json")
+        self.run_id = _read_run_id(folder.parent / "env.json") if self.main else None
         self.last_saved = time.monotonic()  # the run's start (or resume) counts as a save
         self.best_copy: dict[str, Any] | None = None  # the best epoch's state, when it was not saved at once
         self.writes = BackgroundWrites()
+        if self.main:
+            folder.mkdir(exist_ok=True)
         # a process killed mid-save (SIGKILL, power loss) leaves its temporary file; only one run writes here
-        for stale in folder.glob(".*.pt.*.tmp") if folder.is_dir() and self.main else []:
+        for stale in folder.glob(".*.pt.*.tmp") if self.main else []:
             stale.unlink(missing_ok=True)
 
     def due(self, step: int | None = None) -> bool:
@@ -373,7 +387,7 @@ class Checkpoints:
         if save:
             self.save(state, best=is_best)
         elif is_best:
-            self.best_copy = _copied(self._payload(state))
+            self.best_copy = self._copy(state)
 
     def save(self, state: Any, *, best: bool = False) -> None:
         """Save last.pt, and best.pt: this same state if `best`, else a best epoch kept since the
@@ -388,21 +402,36 @@ class Checkpoints:
         self.best_copy = None
         self._raise(error)
 
-    def _payload(self, state: Any) -> dict[str, Any]:
+    def _payload(self, state: Any, rng: dict[str, Any] | None = None) -> dict[str, Any]:
         running_by_rank = self.dist.gather(_on_cpu(state.running)) if self.dist is not None else None
-        return training_state(self.built, state, running_by_rank, self.config)
+        payload = training_state(self.built, state, running_by_rank, self.config, rng)
+        payload["run_id"] = self.run_id  # env.json's: a resume refuses another run's checkpoint
+        return payload
+
+    def _copy(self, state: Any) -> dict[str, Any]:
+        """This epoch's checkpoint, copied so training cannot change it; packed when it is written
+        (this runs at every new best epoch, which may be every epoch: it must cost little)."""
+        copy = _copied(self._payload(state, rng={}), skip=("config",))
+        copy["rng"] = capture_rng()
+        return copy
+
+    def _kept_best(self) -> dict[str, Any]:
+        return {**self.best_copy, "rng": rng_state(self.best_copy["rng"])}
 
     def _write(self, payload: dict[str, Any], best: bool) -> str | None:
         """Write the files (their fsync and rename in the background); why they cannot be, or None."""
         error = self.writes.wait()  # the previous save is on disk before this one starts: at most one in flight
         if error is not None:
             return _cannot_write(*error)
+        moved = self.check_folder() if self.check_folder is not None else None
+        if moved:
+            return moved
         last, best_path = self.folder / "last.pt", self.folder / "best.pt"
         staged = kept = None
         try:
             staged = stage(serialize(payload), last)
             if self.best_copy is not None and not best:
-                kept = stage(serialize(self.best_copy), best_path)
+                kept = stage(serialize(self._kept_best()), best_path)
         except (OSError, RuntimeError) as err:  # torch's zip writer reports a full disk as a RuntimeError
             if staged is not None:
                 discard(staged)
@@ -443,12 +472,20 @@ class Checkpoints:
         return False
 
 
-def _copied(payload: Any) -> Any:
-    """`payload` with every container and tensor copied: what training changes next cannot reach it."""
+def _read_run_id(env_json: Path) -> str | None:
+    try:
+        return json.loads(env_json.read_text(encoding="utf-8")).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None  # a folder of an earlier version, or a damaged env.json: checkpoints without an id
+
+
+def _copied(payload: Any, skip: tuple[str, ...] = ()) -> Any:
+    """`payload` with every container and tensor copied: what training changes next cannot reach it
+    (the values under the top-level keys in `skip` are not changed by training, and kept as they are)."""
     if isinstance(payload, torch.Tensor):
         return payload.detach().clone()
     if isinstance(payload, dict):
-        return type(payload)((k, _copied(v)) for k, v in payload.items())
+        return type(payload)((k, v if k in skip else _copied(v)) for k, v in payload.items())
     if isinstance(payload, (list, tuple)):
         return type(payload)(_copied(v) for v in payload)
     return payload

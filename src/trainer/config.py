@@ -422,6 +422,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], lines: _LineMap)
 # loading and checking
 
 
+MAX_CONFIG_BYTES = 4 * 2**20  # a config is a few KB; inline `tensors` data of a few thousand rows fits
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read, override and check a config file. Raises ConfigError (every problem) or UsageError."""
     path = Path(path)
@@ -430,10 +433,19 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise UsageError(f"config file '{source}' does not exist; see the examples in configs/")
     if path.is_dir():
         raise UsageError(f"'{source}' is a folder; give a YAML config file such as configs/lenet.yaml")
+    if not path.is_file():  # /dev/zero, a pipe: it may never end
+        raise UsageError(f"config file '{source}' is not a regular file (a device, a pipe or a socket); give a YAML file such as configs/lenet.yaml")
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as file:
+            raw = file.read(MAX_CONFIG_BYTES + 1)
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise UsageError(f"cannot read config file '{source}': {err}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise UsageError(
+            f"config file '{source}' is larger than {MAX_CONFIG_BYTES // 2**20} MB: not a config; "
+            "a config names its data (data.path, data.root) rather than holding it"
+        )
     data, lines = _parse_yaml(text, source)
     if data is None:
         data = {}

@@ -349,6 +349,12 @@ def validate_and_schedule(
         state.val = evaluate(model, val_batches, loss_fn, precision=precision, classification=settings.classification, dist=dist)
         if tracker is not None:
             tracker.log_val(step=state.step, epoch=state.epoch, metrics=state.val)
+        for name, value in state.val.items():
+            if not math.isfinite(value):  # every epoch would be "best" or none: best.pt would mean nothing
+                raise TrainingFailed(
+                    f"the validation {name} is not finite after epoch {state.epoch} ({value}); check the validation "
+                    "data for extreme values (beyond float32's 3.4e38) or try a lower optimizer.lr"
+                )
     if scheduler is not None and settings.scheduler_interval == "epoch":
         if is_plateau(scheduler):
             scheduler.step(state.val.get("loss", state.train_loss))

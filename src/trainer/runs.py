@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import math
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -35,6 +39,13 @@ def create_run_dir(name: str, *, root: Path = Path("runs"), run_dir: Path | None
             raise UsageError(
                 f"--run-dir '{run_dir}' already holds a run ({', '.join(taken)}); choose a new folder or leave out --run-dir"
             )
+        foreign = sorted(p.name for p in run_dir.iterdir() if not _written_by_trainer(p.name)) if run_dir.is_dir() else []
+        if foreign:  # `--run-dir /` or a home folder: trainer would write its files among someone else's
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise UsageError(
+                f"--run-dir '{run_dir}' holds files trainer did not write ({shown}); give a new or empty folder, "
+                "or leave out --run-dir"
+            )
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -59,6 +70,12 @@ def create_run_dir(name: str, *, root: Path = Path("runs"), run_dir: Path | None
 
 
 LOCK_FILE = ".lock"
+
+
+def _written_by_trainer(name: str) -> bool:
+    """Whether a run folder's entry `name` is one trainer writes (what a run stopped early may leave)."""
+    temporary = name.startswith(".") and name.endswith(".tmp")  # of write_json, left by a kill mid-write
+    return name in (*RUN_FILES, "checkpoints", LOCK_FILE) or name.startswith("events.out.tfevents.") or temporary
 
 
 def lock_run_folder(folder: Path) -> int | None:
@@ -113,10 +130,31 @@ def _git_commit() -> str | None:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
+    """Write strict JSON (a non-finite number as null), atomically (see `write_text`)."""
+    write_text(path, json.dumps(_finite(data), indent=2, default=str, allow_nan=False) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename, so a reader never sees half a file (a full disk
+    leaves the old one); a failed write leaves no temporary behind."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _finite(value: Any) -> Any:
+    """`value` with NaN and infinities as None: strict JSON parsers refuse them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def environment(device: str, device_reason: str, dist: Any = None) -> dict[str, Any]:
@@ -209,6 +247,43 @@ def _injected_stop() -> Callable[[int], None]:
     return lambda step: os.kill(os.getpid(), signum) if step == target else None
 
 
+class RunFolder:
+    """A run folder held by a directory descriptor, which follows it if it is moved or deleted mid-run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+    def now(self) -> Path | None:
+        """Where the folder is now: its own path, where it was moved to, or None once it is deleted."""
+        held = os.fstat(self.fd)
+        if held.st_nlink == 0:
+            return None
+        for candidate in (self.path, Path(os.readlink(f"/proc/self/fd/{self.fd}")) if os.path.isdir("/proc/self/fd") else None):
+            try:
+                found = os.stat(candidate) if candidate is not None else None
+            except OSError:
+                continue
+            if found is not None and (found.st_dev, found.st_ino) == (held.st_dev, held.st_ino):
+                return candidate
+        return None
+
+    def problem(self) -> str | None:
+        """Why the run cannot go on writing here (moved or deleted), or None."""
+        now = self.now()
+        if now == self.path:
+            return None
+        if now is None:
+            return f"the run folder '{self.path}' was deleted or moved while the run trained; its records are not where they were"
+        return (
+            f"the run folder '{self.path}' was moved to '{now}' while the run trained; its files up to now "
+            f"are there: trainer resume {now}"
+        )
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 @dataclass
 class ActiveRun:
     """One run while it trains: what its named steps share."""
@@ -221,6 +296,7 @@ class ActiveRun:
     started: float  # perf_counter time of the command's start
     dist: Any = None  # trainer.distributed.Distributed in a data-parallel run
     resumed_from: Path | None = None
+    held: RunFolder | None = None  # rank 0's hold on the folder
     checkpoints: Any = None
     fit_started: float | None = None
     digests: list[str] | None = None  # each rank's parameters at the end of a data-parallel run
@@ -274,8 +350,14 @@ def execute_run(
             folder, state, resumed_from = opened
         else:
             folder, state, resumed_from = _open_new(built, root=root, run_dir=run_dir, cleanup=cleanup, dist=dist), None, None
-        tracker = _make_tracker(built, folder, root, state, console=console, quiet=quiet, tensorboard=tensorboard, dist=dist)
-        run = ActiveRun(built, folder, state, tracker, stop, started, dist, resumed_from)
+        try:
+            tracker = _make_tracker(built, folder, root, state, console=console, quiet=quiet, tensorboard=tensorboard, dist=dist)
+            held = RunFolder(folder) if dist is None or dist.is_main else None
+        except OSError as err:
+            raise _cannot_set_up(folder, err, new=resume is None) from None
+        if held is not None:
+            cleanup.callback(held.close)
+        run = ActiveRun(built, folder, state, tracker, stop, started, dist, resumed_from, held)
         return _train_and_record(run)
 
 
@@ -297,10 +379,17 @@ def _join_processes(config: Any, device: str | None) -> tuple[Any, str | None]:
 def _open_new(built: Any, *, root: Path, run_dir: Path | None, cleanup: contextlib.ExitStack, dist: Any) -> Path:
     """A new run folder, locked, with env.json and config.yaml."""
     folder = _shared(dist, lambda: create_run_dir(built.config.name, root=root, run_dir=run_dir))
-    _lock(folder, cleanup, dist)
-    if dist is None or dist.is_main:
-        write_json(folder / "env.json", environment(str(built.device), built.device_reason, dist))
-        (folder / "config.yaml").write_text(built.config.to_yaml(), encoding="utf-8")
+
+    def write_files() -> None:
+        try:
+            _lock(folder, cleanup, None)
+            # the run's identity: its checkpoints carry it, so a resume cannot take another run's
+            write_json(folder / "env.json", {"run_id": uuid.uuid4().hex, **environment(str(built.device), built.device_reason, dist)})
+            write_text(folder / "config.yaml", built.config.to_yaml())
+        except OSError as err:
+            raise _cannot_set_up(folder, err, new=True) from None
+
+    _on_main(dist, write_files)
     return folder
 
 
@@ -320,7 +409,8 @@ def _open_resumed(
             "a resumed run continues in the folder it came from"
         )
     refuse_changed_run(payload["config"], built.config.model_dump(mode="json"), checkpoint, force=force)
-    _lock(folder, cleanup, dist)
+    _refuse_another_runs_checkpoint(payload, folder, checkpoint, force=force)
+    _on_main(dist, lambda: _lock(folder, cleanup, None))
     state = restore(built, payload, checkpoint)
     recorded = _read_json(folder / "summary.json")
     if built.settings.done(state, len(built.train_batches)) and recorded.get("status") == "completed" and recorded.get("steps") == state.step:
@@ -329,10 +419,47 @@ def _open_resumed(
         if dist is not None:
             distributed.leave()
         return RunResult("completed", folder, recorded, note=_nothing_to_train(folder, state, built, payload["config"]))
-    if dist is None or dist.is_main:
-        _note_resume(folder, checkpoint, state.step)
-        (folder / "config.yaml").write_text(built.config.to_yaml(), encoding="utf-8")
+
+    def write_files() -> None:
+        try:
+            _note_resume(folder, checkpoint, state.step)
+            write_text(folder / "config.yaml", built.config.to_yaml())
+        except OSError as err:
+            raise _cannot_set_up(folder, err, new=False) from None
+
+    _on_main(dist, write_files)
     return folder, state, checkpoint
+
+
+def _cannot_set_up(folder: Path, err: OSError, *, new: bool) -> UsageError:
+    """A run folder the disk cannot take (full, read-only) before training: bad input. What a new
+    run wrote is removed again (the folder too, unless it was a --run-dir that existed)."""
+    if new:
+        for entry in (p for p in folder.iterdir() if _written_by_trainer(p.name)) if folder.is_dir() else []:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only if empty: a --run-dir is kept, with what was in it
+    return UsageError(
+        f"cannot write the run folder '{folder}': {_os_reason(err)}; free some space or choose another folder "
+        "(--run-dir, or run from elsewhere)"
+    )
+
+
+def _os_reason(err: OSError) -> str:
+    """'No space left on device (env.json)': the OS error and the file it met."""
+    where = f" ({Path(err.filename).name})" if getattr(err, "filename", None) else ""
+    return f"{err.strerror or err}{where}"
+
+
+def _refuse_another_runs_checkpoint(payload: dict[str, Any], folder: Path, checkpoint: Path, *, force: bool) -> None:
+    """A checkpoint copied in from another run of the same config would resume at its own step,
+    leaving a gap or a repeat in this folder's metrics."""
+    ours, theirs = _read_json(folder / "env.json").get("run_id"), payload.get("run_id")
+    if ours and theirs and ours != theirs and not force:
+        raise UsageError(
+            f"checkpoint '{checkpoint}' belongs to another run (run id {theirs[:12]}, and '{folder}' is run {ours[:12]}): "
+            "resuming it here would mix two runs' records; resume the folder it came from, or pass --force"
+        )
 
 
 def _make_tracker(
@@ -354,27 +481,44 @@ def _train_and_record(run: ActiveRun) -> RunResult:
     from trainer.engine import TrainState
 
     run.state = run.state or TrainState()
-    status, error, exit_code = "failed", None, 1
+    ended = Ended("failed", None, 1)
     try:
         _train(run)
-        status, exit_code = "completed", 0
+        ended = Ended("completed", None, 0)
     except KeyboardInterrupt:
-        status, error, exit_code = "interrupted", "stopped at once by a second SIGINT", 128 + signal.SIGINT
+        ended = Ended("interrupted", "stopped at once by a second SIGINT", 128 + signal.SIGINT)
     except Stopped as err:
-        status, error, exit_code = "interrupted", f"stopped by {err} after step {run.state.step}", err.exit_code
+        ended = Ended("interrupted", f"stopped by {err} after step {run.state.step}", err.exit_code)
     except (TrainingFailed, UsageError) as err:  # a UsageError here: data unreadable mid-run (a corrupt image)
-        status, error = "failed", str(err)
+        ended = Ended("failed", str(err), 1)
+    except OSError as err:  # a full or read-only disk under metrics.jsonl or TensorBoard's file
+        ended = Ended("failed", f"cannot write the run's files in '{run.folder}': {_os_reason(err)}", 1)
     except Exception as err:
         from trainer import distributed
 
         if run.dist is None or not distributed.lost_peer(err):
-            error = f"{type(err).__name__}: {err}"
+            ended = Ended("failed", f"{type(err).__name__}: {err}", 1)
             raise
         # another rank died (torchrun stops the job) or its collective failed
-        status, error = "failed", f"another process of the run is gone: {first_line(err)}"
+        ended = Ended("failed", f"another process of the run is gone: {first_line(err)}", 1)
     finally:
-        summary = _record(run, status, error)
-    return RunResult(status, run.folder, summary, error, exit_code)
+        summary = _record(run, ended)
+    return RunResult(ended.status, run.folder, summary, ended.error, ended.exit_code)
+
+
+@dataclass
+class Ended:
+    """How a run ended."""
+
+    status: str  # completed | failed | interrupted
+    error: str | None
+    exit_code: int
+
+    def failed_to_write(self, what: str) -> None:
+        """A record of the run could not be written: the run failed, and the message says which."""
+        self.error = f"{self.error}; {what}" if self.error else what
+        if self.status == "completed":
+            self.status, self.exit_code = "failed", 1
 
 
 def _train(run: ActiveRun) -> None:
@@ -388,7 +532,8 @@ def _train(run: ActiveRun) -> None:
     steps_per_epoch = len(built.train_batches)
     last_step = settings.last_step(steps_per_epoch)
     _report_start(run, last_step)
-    checkpoints = run.checkpoints = Checkpoints(built, run.folder / "checkpoints", dist)
+    check_folder = run.held.problem if run.held is not None else None
+    checkpoints = run.checkpoints = Checkpoints(built, run.folder / "checkpoints", dist, check_folder=check_folder)
     injected_stop = _injected_stop()
 
     def agreed(signum: int | None, save: bool = False) -> tuple[int | None, bool]:
@@ -459,33 +604,53 @@ def _report_start(run: ActiveRun, last_step: int) -> None:
         run.tracker.message(f"resumed from {run.resumed_from} at step {run.state.step} (epoch {run.state.epoch + 1})")
 
 
-def _record(run: ActiveRun, status: str, error: str | None) -> dict[str, Any]:
-    """summary.json and the console's last lines, however the run ended; returns the summary."""
+def _record(run: ActiveRun, ended: Ended) -> dict[str, Any]:
+    """summary.json and the console's last lines, however the run ended; returns the summary. A
+    record that cannot be written (a full disk) makes `ended` a failure that says so."""
     from trainer import distributed
 
     if run.checkpoints is not None:
         run.checkpoints.close()
+    tracker = run.tracker
+    try:  # the metric files first, so summary.json tells if they could not be written
+        if ended.status == "completed":
+            tracker.log_hparams(_hparams(run.built.config), {f"best/{k}": v for k, v in run.state.best.items()})
+        tracker.flush()
+    except OSError as err:
+        ended.failed_to_write(f"the metric files could not be written: {_os_reason(err)}")
     now = time.perf_counter()
-    summary = _summary(status, error, run.state, now - run.started, run.built)
+    summary = _summary(ended.status, ended.error, run.state, now - run.started, run.built)
     summary["train_time_s"] = round(now - run.fit_started, 4) if run.fit_started is not None else 0.0  # the loop alone
     if run.dist is not None:
         summary["processes"] = {"world_size": run.dist.world_size, "parameters_sha256": run.digests}
     if run.main:
-        write_json(run.folder / "summary.json", summary)
-    tracker = run.tracker
-    if status == "completed":
-        tracker.log_hparams(_hparams(run.built.config), {f"best/{k}": v for k, v in summary["best"].items()})
+        _write_summary(run, summary, ended)
     tracker.finished(
-        status=status, run_dir=run.folder, best=summary["best"], final=summary["final"],
+        status=ended.status, run_dir=run.folder, best=summary["best"], final=summary["final"],
         steps=summary["steps"], epochs=summary["epochs"], seconds=now - run.started,
     )  # fmt: skip
-    if status == "interrupted" and (run.folder / "checkpoints" / "last.pt").exists():
+    if ended.status == "interrupted" and (run.folder / "checkpoints" / "last.pt").exists():
         nproc = f" --nproc {run.built.world_size}" if run.dist is not None else ""
         tracker.message(f"resume with: trainer resume {run.folder}{nproc}")
-    tracker.close()
-    if run.dist is not None and status != "failed":
+    try:
+        tracker.close()
+    except OSError as err:  # the last points could not be written
+        ended.failed_to_write(f"metrics could not be written: {_os_reason(err)}")
+    if run.dist is not None and ended.status != "failed":
         distributed.leave()  # after a failure the other ranks may be gone; torchrun ends this one
     return summary
+
+
+def _write_summary(run: ActiveRun, summary: dict[str, Any], ended: Ended) -> None:
+    """summary.json, in the run folder wherever it was moved to; a failure is told, not raised."""
+    folder = run.held.now() if run.held is not None else run.folder
+    try:
+        if folder is None:
+            raise FileNotFoundError(errno.ENOENT, "the run folder is gone")
+        write_json(folder / "summary.json", summary)
+    except OSError as err:
+        ended.failed_to_write(f"summary.json could not be written: {_os_reason(err)}")
+        summary.update(status=ended.status, error=ended.error)
 
 
 def _lock(folder: Path, cleanup: contextlib.ExitStack, dist: Any) -> None:
@@ -549,15 +714,23 @@ def _shared(dist: Any, make: Callable[[], Path]) -> Path:
     """`make()` on rank 0, its result on every rank; an error there is raised on every rank."""
     if dist is None:
         return make()
-    result: Path | str
+    made = _on_main(dist, make)
+    return Path(dist.broadcast(str(made) if made is not None else ""))
+
+
+def _on_main(dist: Any, act: Callable[[], Any]) -> Any:
+    """`act()` on rank 0 (None on the others); a UsageError there is raised on every rank."""
+    if dist is None:
+        return act()
+    result, error = None, None
     try:
-        result = make() if dist.is_main else ""
+        result = act() if dist.is_main else None
     except UsageError as err:
-        result = f"error:{err}"
-    result = dist.broadcast(str(result))
-    if result.startswith("error:"):
-        raise UsageError(result[len("error:") :])
-    return Path(result)
+        error = str(err)
+    error = dist.broadcast(error)
+    if error:
+        raise UsageError(error)
+    return result
 
 
 def _rank_digests(built: Any, dist: Any) -> list[str] | None:
