@@ -1,8 +1,8 @@
 """Rich console output, TensorBoard and ``metrics.jsonl`` behind one small object.
 
-This is the only module that imports ``rich.progress`` and TensorBoard. TensorBoard's protos are
-imported lazily inside :class:`EventFile` so that ``import trainer.tracking`` (and therefore the
-CLI's start-up, ``trainer list``, ``trainer show-config``...) stays cheap.
+TensorBoard's protos are imported lazily inside :class:`trainer.events.EventFile` so that
+``import trainer.tracking`` (and therefore the CLI's start-up, ``trainer list``, ``trainer
+show-config``...) stays cheap.
 
 The training loop calls the tracker only at log points (every ``log_every`` optimizer steps) and at
 epoch ends, never per step: nothing here assumes per-step calls, and the ETA is computed from the
@@ -21,8 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import numbers
-import struct
 import time
 from pathlib import Path
 from typing import IO, Any
@@ -33,6 +31,8 @@ from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
+
+from trainer.events import EventFile
 
 __all__ = ["Tracker", "format_metric", "format_seconds"]
 
@@ -108,20 +108,6 @@ def _json_number(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _hparam_value(value: Any) -> int | float | str:
-    """A number or a string for TensorBoard's HParams tab (None, bools and lists become strings)."""
-    if isinstance(value, bool):
-        # strings, as torch's SummaryWriter.add_hparams showed them in earlier versions of trainer
-        return str(value)
-    if isinstance(value, (int, float, str)):
-        return value
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        return float(value)
-    return str(value)
-
-
 def _truncate_metrics(path: Path, last_step: int) -> None:
     """Keep the points up to `last_step` (and drop a half-written last line), atomically."""
     if not path.exists():
@@ -137,112 +123,6 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
     os.replace(tmp, path)
-
-
-# --------------------------------------------------------------------------- TensorBoard events
-
-
-def _masked_crc32c(data: bytes) -> int:
-    """The TFRecord checksum: CRC-32C, rotated and offset."""
-    x = _crc32c(data)
-    return (((x >> 15) | (x << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _crc32c(data: bytes) -> int:
-    # resolved on first use, then replaced: this runs twice per event
-    global _crc32c
-    try:
-        from google_crc32c import value as _crc32c
-    except ImportError:  # pragma: no cover - google-crc32c is a dependency; TensorBoard's own is pure Python
-        from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import crc32c as _crc32c
-    return _crc32c(data)
-
-
-# the names tensorboard.plugins.hparams.metadata defines (importing it costs ~0.3 s)
-_HPARAMS_PLUGIN = "hparams"
-_SESSION_START_TAG, _SESSION_END_TAG = "_hparams_/session_start_info", "_hparams_/session_end_info"
-
-
-class EventFile:
-    """A TensorBoard event file, written in the calling thread.
-
-    What ``torch.utils.tensorboard.SummaryWriter`` writes, without its writer thread and queue:
-    that writer checksums every event in pure Python on a thread that competes with the training
-    loop for the GIL, and its queue of 10 makes the loop wait; a log point cost ~110 us, a whole
-    step of a small model. Here a log point is one event, checksummed in C, buffered, and flushed
-    at epoch ends and at most every `flush_secs`.
-    """
-
-    def __init__(self, folder: Path, *, purge_step: int | None = None, flush_secs: float = 10.0) -> None:
-        import socket
-
-        from tensorboard.compat.proto import event_pb2, summary_pb2
-
-        self._Event, self._Summary = event_pb2.Event, summary_pb2.Summary
-        # the name TensorBoard's own writer uses; time and pid keep a resumed run's file apart
-        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.0"
-        self.path = Path(folder) / name
-        self._file = open(self.path, "wb")
-        self.flush_secs = flush_secs
-        self._flushed = time.monotonic()
-        self._write(self._Event(wall_time=time.time(), file_version="brain.Event:2"))
-        if purge_step is not None:
-            # TensorBoard drops the points at or after purge_step that earlier files hold
-            self._write(self._Event(step=purge_step, wall_time=time.time(), file_version="brain.Event:2"))
-            SessionLog = event_pb2.SessionLog  # noqa: N806
-            self._write(self._Event(step=purge_step, wall_time=time.time(), session_log=SessionLog(status=SessionLog.START)))
-        self.flush()
-
-    def _write(self, event: Any) -> None:
-        data = event.SerializeToString()
-        header = struct.pack("<Q", len(data))
-        self._file.write(header + struct.pack("<I", _masked_crc32c(header)) + data + struct.pack("<I", _masked_crc32c(data)))
-
-    def add_summary(self, summary: Any, step: int, wall_time: float | None = None) -> None:
-        """Append a ``Summary`` proto as one event at `step` (logged at `wall_time`, default now)."""
-        self._write(self._Event(wall_time=time.time() if wall_time is None else wall_time, step=step, summary=summary))
-        if time.monotonic() - self._flushed > self.flush_secs:
-            self.flush()
-
-    def hparams_summaries(self, hparams: dict[str, int | float | str]) -> tuple[Any, Any]:
-        """The HParams plugin's session-start (these values) and session-end (success) summaries.
-
-        Built here rather than with ``torch.utils.tensorboard.summary.hparams``, whose imports
-        (TensorBoard's tensor utilities, boto3) cost ~0.3 s at the end of every run.
-        """
-        from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
-        from tensorboard.compat.proto.summary_pb2 import SummaryMetadata
-
-        start = plugin_data_pb2.SessionStartInfo()
-        for key, value in hparams.items():
-            if isinstance(value, str):
-                start.hparams[key].string_value = value
-            else:
-                start.hparams[key].number_value = value
-        end = plugin_data_pb2.SessionEndInfo(status=api_pb2.Status.Value("STATUS_SUCCESS"))
-
-        def summary(tag: str, data: Any) -> Any:
-            content = data.SerializeToString()
-            plugin = SummaryMetadata.PluginData(plugin_name=_HPARAMS_PLUGIN, content=content)
-            return self._Summary(value=[self._Summary.Value(tag=tag, metadata=SummaryMetadata(plugin_data=plugin))])
-
-        return (
-            summary(_SESSION_START_TAG, plugin_data_pb2.HParamsPluginData(session_start_info=start, version=0)),
-            summary(_SESSION_END_TAG, plugin_data_pb2.HParamsPluginData(session_end_info=end, version=0)),
-        )
-
-    def add_scalars(self, values: dict[str, float], step: int, wall_time: float | None = None) -> None:
-        """Several scalars of one step as one event (TensorBoard shows each tag as its own chart)."""
-        Value = self._Summary.Value  # noqa: N806
-        self.add_summary(self._Summary(value=[Value(tag=tag, simple_value=v) for tag, v in values.items()]), step, wall_time)
-
-    def flush(self) -> None:
-        self._file.flush()
-        self._flushed = time.monotonic()
-
-    def close(self) -> None:
-        if not self._file.closed:
-            self._file.close()
 
 
 # --------------------------------------------------------------------------- the tracker
@@ -587,12 +467,9 @@ class Tracker:
         if self._writer is None or self._closed:
             return
         self._write_points()
-        clean = {str(k): _hparam_value(v) for k, v in hparams.items()}
         values = {str(k): _as_float(v) for k, v in metrics.items()}
         # in this run's own file: SummaryWriter.add_hparams writes a sub-folder, a second "run"
-        session_start, session_end = self._writer.hparams_summaries(clean)
-        self._writer.add_summary(session_start, self._last_step)
-        self._writer.add_summary(session_end, self._last_step)
+        self._writer.add_hparams(hparams, self._last_step)
         self._add_scalars(values, self._last_step)
         self.flush()
 
