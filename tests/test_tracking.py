@@ -306,6 +306,17 @@ def test_a_run_stopped_by_max_steps_mid_epoch_prints_its_last_point_once(tmp_pat
     assert lines[5:] == ["epoch 2/2  train loss 0.5  1.0s"]
 
 
+def test_counts_of_one_are_singular(tmp_path: Path) -> None:
+    console, buf = plain_console()
+    with Tracker(tmp_path, console=console) as tracker:
+        tracker.run_started(run_dir=tmp_path, **header(epochs=1, steps=1, num_params=1))
+        tracker.finished(status="completed", run_dir=tmp_path, best={}, final={}, steps=1, epochs=1, seconds=0.5)
+    out = buf.getvalue()
+    assert "model  lenet, 1 parameter\n" in out
+    assert "train  1 epoch x 1 step = 1 step, batch size 64" in out
+    assert "  1 epoch, 1 step in 0.5s" in out
+
+
 def test_message_prints_text_verbatim(tmp_path: Path) -> None:
     console, buf = plain_console()
     tracker = Tracker(None, console=console)

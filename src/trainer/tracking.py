@@ -86,13 +86,18 @@ def format_seconds(seconds: float) -> str:
     return f"{minutes}m {secs:02d}s"
 
 
+def _count(n: int, noun: str) -> str:
+    """``1 step``, ``2 steps``, ``1,000 steps``."""
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
+
+
 def _budget(epochs: int, steps_per_epoch: int, total_steps: int, batch_size: int, processes: int) -> str:
     """``40 epochs x 3 steps = 120 steps, batch size 1`` for the header."""
-    budget = f"{epochs} epochs x {steps_per_epoch:,} steps"
+    budget = f"{_count(epochs, 'epoch')} x {_count(steps_per_epoch, 'step')}"
     if total_steps != epochs * steps_per_epoch:
-        budget += f" (stops after {total_steps:,} steps)"
+        budget += f" (stops after {_count(total_steps, 'step')})"
     else:
-        budget += f" = {total_steps:,} steps"
+        budget += f" = {_count(total_steps, 'step')}"
     if processes > 1:
         return budget + f", batch size {batch_size:,} per process x {processes} processes = {batch_size * processes:,}"
     return budget + f", batch size {batch_size:,}"
@@ -256,7 +261,7 @@ class ConsoleOutput:
         rows = [
             ("run", f"{name}" + (f"  {run_dir}" if run_dir is not None else "  (no run folder)")),
             ("device", reason),
-            ("model", f"{model}, {num_params:,} parameters"),
+            ("model", f"{model}, {_count(num_params, 'parameter')}"),
             ("data", data),
             ("train", _budget(epochs, steps_per_epoch, total_steps, batch_size, processes)),
         ]
@@ -346,7 +351,7 @@ class ConsoleOutput:
         self._stop_bar()
         if self.quiet:
             return
-        budget = f"{epochs} epochs, {steps:,} steps in {format_seconds(seconds)}"
+        budget = f"{_count(epochs, 'epoch')}, {_count(steps, 'step')} in {format_seconds(seconds)}"
         if self.live:
             self._panel(status, run_dir, best, final, budget, hint)
             return
