@@ -396,3 +396,14 @@ def test_the_remove_hint_is_only_for_arguments_the_new_component_does_not_take(t
     report = {p.key: str(p) for p in caught.value.problems}
     assert report["optimizer.momentum"].endswith("; remove it with ~optimizer.momentum")
     assert report["optimizer.betas"].endswith("adam() argument 'betas' must be a finite number, got nan")
+
+
+def test_a_config_that_is_not_a_regular_file_or_is_too_large_is_refused(tmp_path):
+    from trainer.config import MAX_CONFIG_BYTES
+
+    with pytest.raises(UsageError, match="'/dev/zero' is not a regular file"):
+        load_config("/dev/zero")  # read whole, it grew until memory ran out
+    big = tmp_path / "big.yaml"
+    big.write_text("name: big\n" + "#" * MAX_CONFIG_BYTES)
+    with pytest.raises(UsageError, match="larger than 4 MB"):
+        load_config(big)

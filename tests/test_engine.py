@@ -328,3 +328,17 @@ def test_update_best():
 def test_train_state_starts_empty():
     state = TrainState()
     assert state.step == state.epoch == 0 and state.best == {}
+
+
+def test_a_non_finite_validation_metric_fails_the_run_naming_the_epoch():
+    # a validation target near float32's limit: the squared error overflows to inf
+    train = regression_data()
+    val = TensorBatches(torch.zeros(4, 3), torch.full((4, 1), 3e38), batch_size=4, shuffle=False, seed=0)
+    tracker = Recorder()
+    model = nn.Linear(3, 1)
+    with pytest.raises(TrainingFailed, match=r"validation loss is not finite after epoch 1 \(inf\)"):
+        fit(
+            model, train, val, nn.MSELoss(), torch.optim.SGD(model.parameters(), lr=0.01), LoopSettings(epochs=3),
+            precision=FP32, tracker=tracker,
+        )  # fmt: skip
+    assert len(tracker.val) == 1  # logged (as null in metrics.jsonl), then stopped

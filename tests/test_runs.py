@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -676,3 +677,146 @@ def test_started_in_is_the_recorded_working_folder_while_it_exists(tmp_path):
     assert started_in(run) == tmp_path
     (run / "env.json").write_text(json.dumps({"cwd": str(gone)}))
     assert started_in(run) is None  # moved away: paths are read from the current folder
+
+
+# ---------------------------------------------------------------------------------------------
+# faults outside the checkpoint: a small or full disk, a read-only one, a folder moved or deleted
+
+
+@contextlib.contextmanager
+def small_disk(where: Path, size: str):
+    """A tmpfs of `size` mounted at `where` (this needs root, as CI and the developers' machines have)."""
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True, capture_output=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def test_a_disk_too_small_for_the_run_folder_is_bad_input_and_leaves_nothing(cli, tmp_path, write_config, tiny):
+    config = write_config(tiny())
+    with small_disk(tmp_path / "disk", "8k") as disk:  # two pages: the lock and env.json fit, config.yaml does not
+        result = cli("run", config, "--run-dir", disk / "run")
+        assert result.code == 2, result.output
+        assert result.stderr.strip().splitlines() == [
+            f"error: cannot write the run folder '{disk / 'run'}': No space left on device (config.yaml); "
+            "free some space or choose another folder (--run-dir, or run from elsewhere)"
+        ]
+        assert list(disk.iterdir()) == []
+
+
+@contextlib.contextmanager
+def ext4_disk(where: Path):
+    """A small loop-mounted ext4 that remounts itself read-only on an error, as real disks are set up;
+    yields a function that raises such an error (ext4's own trigger_fs_error)."""
+    image = where.with_suffix(".img")
+    subprocess.run(["dd", "if=/dev/zero", f"of={image}", "bs=1M", "count=16", "status=none"], check=True)
+    subprocess.run(["mkfs.ext4", "-q", str(image)], check=True)
+    where.mkdir()
+    subprocess.run(["mount", "-o", "loop,errors=remount-ro", str(image), str(where)], check=True, capture_output=True)
+    device = Path(subprocess.run(["findmnt", "-no", "SOURCE", str(where)], capture_output=True, text=True).stdout.strip()).name
+    try:
+        yield lambda: Path(f"/sys/fs/ext4/{device}/trigger_fs_error").write_text("1")
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def remount_repaired(where: Path) -> None:
+    """What an admin does once the disk is back: check it and mount it read-write again."""
+    image = where.with_suffix(".img")
+    subprocess.run(["umount", str(where)], check=True, capture_output=True)
+    subprocess.run(["e2fsck", "-fy", str(image)], capture_output=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(where)], check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("fault", ["full", "read-only"])
+def test_a_disk_that_fails_mid_run_fails_the_run_and_resume_works_once_it_is_back(cli, tmp_path, fault):
+    with small_disk(tmp_path / "disk", "8m") if fault == "full" else ext4_disk(tmp_path / "disk") as disk_or_trigger:
+        disk = tmp_path / "disk"
+        proc, folder = start_run(disk)
+        if fault == "full":  # another process fills the disk
+            subprocess.run(["dd", "if=/dev/zero", f"of={disk / 'filler'}", "bs=64k"], capture_output=True)
+        else:  # the filesystem turns read-only under the run
+            disk_or_trigger()
+        stdout, stderr = proc.communicate(timeout=120)
+        reason = "No space left on device" if fault == "full" else "Read-only file system"
+        assert proc.returncode == 1, stderr
+        assert "Traceback" not in stderr and "internal error" not in stderr
+        assert stderr.startswith("error: ") and reason in stderr
+        assert stdout.strip().splitlines()[-1] == str(folder)  # the run folder is still the last line
+        if fault == "full":
+            (disk / "filler").unlink()
+        else:
+            proc = None
+            remount_repaired(disk)
+        last = torch_load(folder / "checkpoints" / "last.pt")  # the last good checkpoint
+        assert not [p for p in folder.rglob("*.tmp")]  # no half-written temporaries
+        more = f"train.max_steps={last['train_state']['step'] + 8}"
+        resumed = cli("resume", folder, more, "-q")
+        assert resumed.code == 0, resumed.output
+        assert json.loads((folder / "summary.json").read_text())["status"] == "completed"
+
+
+def test_a_run_folder_moved_mid_run_fails_and_is_not_made_again(cli, tmp_path):
+    proc, folder = start_run(tmp_path)
+    moved = tmp_path / "moved"
+    folder.rename(moved)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1, stderr
+    assert f"the run folder '{folder}' was moved to '{moved}' while the run trained" in stderr
+    assert not folder.exists()  # not made again holding only last.pt and summary.json
+    assert json.loads((moved / "summary.json").read_text())["status"] == "failed"  # written where it went
+    step = torch_load(moved / "checkpoints" / "last.pt")["train_state"]["step"]
+    resumed = cli("resume", moved, f"train.max_steps={step + 8}", "-q")
+    assert resumed.code == 0, resumed.output
+
+
+def test_a_run_folder_deleted_mid_run_fails_saying_so(tmp_path):
+    import shutil
+
+    proc, folder = start_run(tmp_path)
+    shutil.rmtree(folder)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1, stderr
+    assert f"the run folder '{folder}' was deleted or moved while the run trained" in stderr
+    assert "summary.json could not be written" in stderr
+    assert not folder.exists()
+
+
+def test_a_run_dir_holding_other_files_is_refused_and_left_untouched(cli, tmp_path, write_config, tiny):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("mine")
+    result = cli("run", write_config(tiny()), "--run-dir", home)
+    assert result.code == 2, result.output
+    assert f"--run-dir '{home}' holds files trainer did not write (notes.txt)" in result.stderr
+    assert [p.name for p in home.iterdir()] == ["notes.txt"]
+
+
+def test_resume_refuses_a_checkpoint_from_another_run_of_the_same_config(cli, tmp_path, write_config, tiny):
+    import shutil
+
+    config = write_config(tiny(train={"epochs": 1}))
+    short, long = tmp_path / "short", tmp_path / "long"
+    assert cli("run", config, "--run-dir", short, "-q").code == 0
+    assert cli("run", config, "--run-dir", long, "train.epochs=3", "-q").code == 0
+    shutil.copy(long / "checkpoints" / "last.pt", short / "checkpoints" / "last.pt")
+    before = (short / "metrics.jsonl").read_text()
+    refused = cli("resume", short, "train.epochs=4")
+    assert refused.code == 2, refused.output
+    assert "belongs to another run" in refused.stderr and "--force" in refused.stderr
+    assert (short / "metrics.jsonl").read_text() == before
+    assert cli("resume", short, "train.epochs=4", "--force", "-q").code == 0
+
+
+def test_json_files_are_strict_json(tmp_path):
+    from trainer.runs import write_json
+
+    write_json(tmp_path / "summary.json", {"final": {"val_loss": float("inf"), "train_loss": float("nan")}, "steps": 3})
+
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    data = json.loads((tmp_path / "summary.json").read_text(), parse_constant=refuse)
+    assert data == {"final": {"val_loss": None, "train_loss": None}, "steps": 3}

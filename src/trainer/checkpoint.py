@@ -426,11 +426,11 @@ class Checkpoints:
     def _write(self, payload: dict[str, Any], best: bool) -> str | None:
         """Write the files (their fsync and rename in the background); why they cannot be, or None."""
         error = self.writes.wait()  # the previous save is on disk before this one starts: at most one in flight
+        moved = self.check_folder() if self.check_folder is not None else None
+        if moved:  # what the writes met, said plainly
+            return moved
         if error is not None:
             return _cannot_write(*error)
-        moved = self.check_folder() if self.check_folder is not None else None
-        if moved:
-            return moved
         last, best_path = self.folder / "last.pt", self.folder / "best.pt"
         staged = kept = None
         try:
@@ -453,7 +453,8 @@ class Checkpoints:
         """Wait until every checkpoint asked for is on disk; stop the run if one could not be written.
         In a data-parallel run every rank calls it."""
         error = self.writes.wait() if self.main else None
-        self._raise(_cannot_write(*error) if error is not None else None)
+        moved = self.check_folder() if error is not None and self.check_folder is not None else None
+        self._raise(moved or (_cannot_write(*error) if error is not None else None))
 
     def close(self) -> None:
         """Wait for the writes in flight (after a failure elsewhere: their own errors are not news)."""

@@ -135,12 +135,18 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
-    """Write through a temporary file and a rename, so a reader never sees half a file (a full disk
-    leaves the old one); a failed write leaves no temporary behind."""
+    """Write through a temporary file, an fsync and a rename, so a reader never sees half a file
+    and a disk that fails later (full, turned read-only) keeps it; a failed write leaves no temporary."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        with open(tmp, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror, str(path)) from None  # a failed write() names no file
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -516,6 +522,8 @@ class Ended:
 
     def failed_to_write(self, what: str) -> None:
         """A record of the run could not be written: the run failed, and the message says which."""
+        if self.error and what in self.error:
+            return
         self.error = f"{self.error}; {what}" if self.error else what
         if self.status == "completed":
             self.status, self.exit_code = "failed", 1
@@ -625,17 +633,19 @@ def _record(run: ActiveRun, ended: Ended) -> dict[str, Any]:
         summary["processes"] = {"world_size": run.dist.world_size, "parameters_sha256": run.digests}
     if run.main:
         _write_summary(run, summary, ended)
-    tracker.finished(
-        status=ended.status, run_dir=run.folder, best=summary["best"], final=summary["final"],
-        steps=summary["steps"], epochs=summary["epochs"], seconds=now - run.started,
-    )  # fmt: skip
-    if ended.status == "interrupted" and (run.folder / "checkpoints" / "last.pt").exists():
-        nproc = f" --nproc {run.built.world_size}" if run.dist is not None else ""
-        tracker.message(f"resume with: trainer resume {run.folder}{nproc}")
     try:
+        tracker.finished(
+            status=ended.status, run_dir=run.folder, best=summary["best"], final=summary["final"],
+            steps=summary["steps"], epochs=summary["epochs"], seconds=now - run.started,
+        )  # fmt: skip
+        if ended.status == "interrupted" and (run.folder / "checkpoints" / "last.pt").exists():
+            nproc = f" --nproc {run.built.world_size}" if run.dist is not None else ""
+            tracker.message(f"resume with: trainer resume {run.folder}{nproc}")
         tracker.close()
-    except OSError as err:  # the last points could not be written
-        ended.failed_to_write(f"metrics could not be written: {_os_reason(err)}")
+    except OSError as err:  # the metric files' last points, on a disk that failed under them
+        ended.failed_to_write(f"the metric files could not be written: {_os_reason(err)}")
+        with contextlib.suppress(OSError):
+            tracker.close()
     if run.dist is not None and ended.status != "failed":
         distributed.leave()  # after a failure the other ranks may be gone; torchrun ends this one
     return summary
