@@ -614,3 +614,46 @@ def test_show_config_is_exactly_the_run_folders_config_yaml(seed_runs, cli):
     shown = cli("show-config", CONFIGS / "lenet.yaml")
     assert shown.code == 0
     assert shown.stdout == (folder / "config.yaml").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# a console that cannot be written is a view that went away: the run goes on
+
+
+def test_a_pipe_closed_by_its_reader_does_not_stop_the_run(tmp_path, write_config, tiny):
+    from conftest import trainer_executable
+
+    config = write_config(tiny(train={"epochs": 30, "log_every": 1}))
+    proc = subprocess.Popen(
+        [trainer_executable(), "run", str(config), "--run-dir", str(tmp_path / "run")],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    first = proc.stdout.readline()  # what `trainer run ... | head -1` reads before it exits
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=300) == 0, stderr
+    assert first.startswith("run") and stderr == ""
+    assert summary(tmp_path / "run") | {"error": None} == summary(tmp_path / "run")
+    assert summary(tmp_path / "run")["status"] == "completed" and summary(tmp_path / "run")["epochs"] == 30
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
+
+
+def test_stdout_on_a_full_disk_does_not_stop_the_run(tmp_path, write_config, tiny):
+    from conftest import trainer_executable
+
+    config = write_config(tiny())
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(
+            [trainer_executable(), "run", str(config), "--run-dir", str(tmp_path / "run")],
+            cwd=tmp_path, stdout=full, stderr=subprocess.PIPE, text=True, timeout=300,
+        )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "" and summary(tmp_path / "run")["status"] == "completed"
+
+
+def test_a_bad_config_still_exits_2_when_stderr_cannot_be_written(tmp_path):
+    from conftest import trainer_executable
+
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([trainer_executable(), "validate", "/dev/zero"], stdout=full, stderr=full, timeout=120)
+    assert proc.returncode == 2

@@ -820,3 +820,12 @@ def test_json_files_are_strict_json(tmp_path):
 
     data = json.loads((tmp_path / "summary.json").read_text(), parse_constant=refuse)
     assert data == {"final": {"val_loss": None, "train_loss": None}, "steps": 3}
+
+
+def test_metrics_deleted_mid_run_fails_the_run_saying_so(tmp_path):
+    proc, folder = start_run(tmp_path)
+    (folder / "metrics.jsonl").unlink()
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1, stderr
+    assert f"'{folder / 'metrics.jsonl'}' was deleted while the run trained: its points are lost" in stderr
+    assert json.loads((folder / "summary.json").read_text())["status"] == "failed"

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 import typer
-from rich.console import Console
+from trainer.console import ViewConsole, say
 
 app = typer.Typer(
     name="trainer",
@@ -25,7 +25,8 @@ app = typer.Typer(
 )
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+# views only: a closed pipe or a full disk under them silences them, never changes the exit code
+err_console = ViewConsole(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _under_torchrun() -> bool:
@@ -189,7 +190,7 @@ def _train(cfg, run_dir, runs_root, device, quiet, resume_from, force, data_dir=
     if result.note and not quiet:
         err_console.print(result.note, markup=False)
     # the last line on stdout is the run folder, for scripts, whatever the status
-    print(result.run_dir, flush=True)
+    say(str(result.run_dir))
     if result.exit_code:
         raise typer.Exit(result.exit_code)
 
@@ -215,9 +216,9 @@ def eval_(
             raise UsageError("--best and --last exclude each other")
         metrics = evaluate_checkpoint(target, split=split, which="best" if best else "last" if last else None, device=device)
         if as_json:
-            print(json.dumps(metrics))
+            say(json.dumps(metrics))
             return
-        out = Console(highlight=False, soft_wrap=True)
+        out = ViewConsole(highlight=False, soft_wrap=True)
         out.print(f"{metrics['checkpoint']} (step {metrics['step']}), {metrics['split']} split, {metrics['samples']} samples", markup=False)
         for name in ("loss", "accuracy"):
             if name in metrics:
@@ -239,7 +240,7 @@ def validate(config: Path = ConfigArg, overrides: Optional[List[str]] = Override
         cfg = _load(config, overrides)
         built = build_run(cfg)
         check_one_batch(built)
-        out = Console(highlight=False, soft_wrap=True)
+        out = ViewConsole(highlight=False, soft_wrap=True)
         out.print(f"{config}: valid", markup=False)
         out.print(
             f"  model {built.config.model.name} ({count_parameters(built.model):,} parameters) on {built.device}; "
@@ -334,7 +335,7 @@ def _print_registry(kind: str) -> None:
             table.add_row(name, "x".join(map(str, shape)) if shape else "any", params, entry.description)
         else:
             table.add_row(name, entry.description)
-    Console().print(table)
+    ViewConsole().print(table)
 
 
 def main() -> None:  # pragma: no cover - `python -m trainer`

@@ -13,6 +13,7 @@ elapsed time rather than from Rich's sampled speed, which needs frequent updates
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -27,6 +28,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from trainer.console import ViewConsole
+from trainer.errors import TrainingFailed
 from trainer.events import EventFile
 
 __all__ = ["ConsoleOutput", "MetricFiles", "Tracker", "format_metric", "format_seconds"]
@@ -147,7 +150,7 @@ class ConsoleOutput:
         plain_interval: float = 1.0,
         start_step: int = 0,
     ) -> None:
-        self.console = console if console is not None else Console(stderr=False)
+        self.console = console if console is not None else ViewConsole(stderr=False)
         self.quiet = quiet
         self.live = self.console.is_terminal and not quiet
         self.refresh_per_second = refresh_per_second
@@ -165,9 +168,22 @@ class ConsoleOutput:
 
     # ----------------------------------------------------------------- lines
 
-    def _print(self, renderable: Any) -> None:
+    def _print(self, renderable: Any, **options: Any) -> None:
         # soft_wrap: a long line stays one line in a log file instead of being folded at 80 columns.
-        self.console.print(renderable, soft_wrap=not self.live, highlight=False)
+        try:
+            self.console.print(renderable, **{"soft_wrap": not self.live, "highlight": False, **options})
+        except OSError:  # a closed pipe, a full disk: the console is only a view of the run, which goes on
+            self._lost()
+
+    def _lost(self) -> None:
+        """The console cannot be written: print nothing more."""
+        self.quiet, self.live = True, False
+        with contextlib.suppress(Exception):
+            self._stop_bar()
+        if isinstance(self.console, ViewConsole):
+            self.console.lost()
+        else:
+            self.console.quiet = True
 
     def _line(self, text: str, style: str | None = None) -> None:
         """One line; Text (not a markup string) so brackets in paths or messages print verbatim."""
@@ -209,7 +225,10 @@ class ConsoleOutput:
         self._task = self._progress.add_task(
             "train", total=self._total, completed=self._start_step, epoch=epoch, loss="-", rate="-", eta="-"
         )
-        self._progress.start()
+        try:
+            self._progress.start()
+        except OSError:
+            self._lost()
         self._bar_t0 = time.perf_counter()
 
     def _advance(self, step: int, **fields: str) -> None:
@@ -271,7 +290,7 @@ class ConsoleOutput:
             grid.add_column()
             for key, value in rows:
                 grid.add_row(key, Text(value))
-            self.console.print(grid)
+            self._print(grid, soft_wrap=False)
         else:
             for key, value in rows:
                 self._line(f"{key:<7}{value}")
@@ -381,7 +400,7 @@ class ConsoleOutput:
         body: Any = grid
         if hint:
             body = Group(grid, Text(""), Text.assemble(("view it: ", "dim"), (hint, "bold")))
-        self.console.print(Panel(body, title=f"run {status}", border_style=color, expand=False))
+        self._print(Panel(body, title=f"run {status}", border_style=color, expand=False), soft_wrap=False)
 
     def close(self) -> None:
         """Take the live bar off the console. Idempotent."""
@@ -406,6 +425,17 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _naming(path: str):
+    """An OSError from a write names `path` (a failed write() or flush() names no file)."""
+    try:
+        yield
+    except OSError as err:
+        if getattr(err, "filename", None):
+            raise
+        raise OSError(err.errno, err.strerror, path) from None
 
 
 class MetricFiles:
@@ -473,14 +503,24 @@ class MetricFiles:
             self._add_scalars(scalars, step, wall_time)
 
     def flush(self) -> None:
-        """Write out the points held in memory to metrics.jsonl and TensorBoard, and flush both."""
+        """Write out the points held in memory to metrics.jsonl and TensorBoard, and flush both.
+
+        Raises OSError naming the file that cannot be written (a full or read-only disk), and
+        TrainingFailed when metrics.jsonl was deleted under the run (its points would go nowhere)."""
         if self._closed:
             return
         self._write_points()
         if self._file is not None and not self._file.closed:
-            self._file.flush()
+            with _naming(self._file.name):
+                self._file.flush()
+                if os.fstat(self._file.fileno()).st_nlink == 0:
+                    raise TrainingFailed(
+                        f"'{self._file.name}' was deleted while the run trained: its points are lost; "
+                        "the checkpoints and TensorBoard's file are kept"
+                    )
         if self._writer is not None:
-            self._writer.flush()
+            with _naming(str(self._writer.path)):
+                self._writer.flush()
         self._flushed = time.monotonic()
 
     def log_train(
@@ -510,8 +550,11 @@ class MetricFiles:
         self._add_scalars({f"val/{name}": value for name, value in metrics.items()}, step)
 
     def epoch_finished(self, *, step: int) -> None:
+        # by time, like log points: a run of one-step epochs must not pay two writes an epoch (the
+        # runner flushes before each checkpoint, so a resumed run finds every point up to it)
         self._last_step = max(self._last_step, step)
-        self.flush()
+        if time.monotonic() - self._flushed > self.flush_secs:
+            self.flush()
 
     def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         """Fill TensorBoard's HParams tab in the run's own event file, at the last step logged.
