@@ -130,14 +130,14 @@ def test_every_entry_has_a_tidy_description(registry):
         assert "\n" not in entry.description
         assert len(entry.description) <= 93, entry.name
         # a whole sentence, or one that is cut says so (torch's first lines stop mid-sentence)
-        assert entry.description.endswith((".", "…")), entry.description
+        assert entry.description.endswith((".", "...")), entry.description
 
 
 def test_a_long_torch_description_is_cut_with_an_ellipsis():
     assert LOSSES.get("nll").description == "The negative log likelihood loss."
     assert LOSSES.get("cross_entropy").description.endswith("between input logits and target.")
     assert LOSSES.get("mse").description.startswith("Creates a criterion that measures the mean squared error")
-    assert LOSSES.get("mse").description.endswith("…")
+    assert LOSSES.get("mse").description.endswith("...")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ def close_match(word: str, choices: typing.Iterable[str]) -> str | None:
 
 
 def doc_summary(obj: Any, limit: int | None = None) -> str:
-    """The first sentence of `obj`'s docstring on one line; past `limit` characters, cut at a word with "…"."""
+    """The first sentence of `obj`'s docstring on one line; past `limit` characters, cut at a word with "..."."""
     paragraph = " ".join((inspect.getdoc(obj) or "").strip().split("\n\n")[0].split())
     paragraph = re.sub(r":\w+:`~?([^`]*)`|`([^`]*)`_?", r"\1\2", paragraph)  # reST roles and literals, as in torch's
     # a sentence ends at a full stop before a capital or the end, not inside "e.g. the"
@@ -46,7 +46,7 @@ def doc_summary(obj: Any, limit: int | None = None) -> str:
     text = sentence.group() if sentence else paragraph
     if limit is None or len(text) <= limit:
         return text
-    return text[: limit + 1].rsplit(" ", 1)[0].rstrip(",;:") + "…"
+    return text[: limit + 1].rsplit(" ", 1)[0].rstrip(",;:") + "..."
 
 
 @dataclass

@@ -795,7 +795,7 @@ def evaluate_checkpoint(target: Path, *, split: str = "val", which: str | None =
         raise UsageError(f"checkpoint '{path}' does not fit its model: {str(err).splitlines()[0]}") from None
     batches = built.train_batches if split == "train" else built.val_batches
     if batches is None or len(batches) == 0:
-        raise UsageError(f"the run has no validation split (data.val_fraction is 0); try --split train", key="--split")
+        raise UsageError("the run has no validation split (data.val_fraction is 0); try --split train", key="--split")
     metrics = evaluate(
         built.model, batches, built.loss_fn, precision=built.precision, classification=built.settings.classification
     )
