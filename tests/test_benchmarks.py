@@ -154,3 +154,14 @@ def test_seeds_overrides_go_to_every_config_or_the_one_named():
     given = ["train.log_every=5", "mlp:data.size=1", "sqrt2:train.epochs=2", "optimizer.name=a:b"]
     assert overrides_for("mlp", given) == ["train.log_every=5", "data.size=1", "optimizer.name=a:b"]
     assert overrides_for("lenet", given) == ["train.log_every=5", "optimizer.name=a:b"]
+
+
+def test_event_writer_times_both_writers():
+    out = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "event_writer.py"), "--rounds", "1", "--events", "20"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["tensorboard RecordWriter", "trainer EventFile"]
+    assert all(float(line.split(": ")[1].split()[0]) > 0 for line in lines)

@@ -657,3 +657,16 @@ def test_a_bad_config_still_exits_2_when_stderr_cannot_be_written(tmp_path):
     with open("/dev/full", "w") as full:
         proc = subprocess.run([trainer_executable(), "validate", "/dev/zero"], stdout=full, stderr=full, timeout=120)
     assert proc.returncode == 2
+
+
+def test_wall_time_counts_the_whole_command(cli, write_config, tiny, tmp_path):
+    import time
+
+    started = time.monotonic()
+    result = cli("run", write_config(tiny()), "--run-dir", tmp_path / "run", "-q")
+    elapsed = time.monotonic() - started
+    assert result.code == 0, result.output
+    recorded = summary(tmp_path / "run")
+    # from trainer's own start: importing torch and building come before the loop's first step
+    assert recorded["train_time_s"] < recorded["wall_time_s"] <= elapsed
+    assert recorded["wall_time_s"] > 0.5 * elapsed

@@ -542,8 +542,12 @@ def test_a_checkpoint_save_that_fails_names_the_path_and_keeps_the_old_one(cli, 
 def test_a_checkpoint_whose_fsync_fails_in_the_background_stops_the_run(tmp_path, monkeypatch, epochs, stopped_at):
     import errno
 
-    def failing_fsync(fd):
-        raise OSError(errno.EIO, "Input/output error")
+    real_fsync = os.fsync
+
+    def failing_fsync(fd):  # of the checkpoints: env.json and config.yaml are fsynced too
+        if "/checkpoints" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", failing_fsync)
     config = config_from_dict(tiny_config(train={"epochs": epochs, "checkpoint_interval_s": 0}))
@@ -758,6 +762,21 @@ def test_a_disk_that_fails_mid_run_fails_the_run_and_resume_works_once_it_is_bac
         assert json.loads((folder / "summary.json").read_text())["status"] == "completed"
 
 
+def test_resume_on_a_full_disk_is_refused_and_changes_nothing(cli, tmp_path, write_config, tiny):
+    config = write_config(tiny(train={"epochs": 1}))
+    with small_disk(tmp_path / "disk", "2m") as disk:
+        folder = disk / "run"
+        assert cli("run", config, "--run-dir", folder, "-q").code == 0
+        subprocess.run(["dd", "if=/dev/zero", f"of={disk / 'filler'}", "bs=64k"], capture_output=True)
+        before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != ".lock"}
+        refused = cli("resume", folder, "train.epochs=2")
+        assert refused.code == 2, refused.output
+        assert f"cannot write the run folder '{folder}': No space left on device" in refused.stderr
+        assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != ".lock"} == before
+        (disk / "filler").unlink()
+        assert cli("resume", folder, "train.epochs=2", "-q").code == 0
+
+
 def test_a_run_folder_moved_mid_run_fails_and_is_not_made_again(cli, tmp_path):
     proc, folder = start_run(tmp_path)
     moved = tmp_path / "moved"
@@ -776,7 +795,9 @@ def test_a_run_folder_deleted_mid_run_fails_saying_so(tmp_path):
     import shutil
 
     proc, folder = start_run(tmp_path)
+    proc.send_signal(signal.SIGSTOP)  # as `rm -rf` would look to a slower run: the whole folder gone at once
     shutil.rmtree(folder)
+    proc.send_signal(signal.SIGCONT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 1, stderr
     assert f"the run folder '{folder}' was deleted or moved while the run trained" in stderr

@@ -416,7 +416,14 @@ def _open_resumed(
         )
     refuse_changed_run(payload["config"], built.config.model_dump(mode="json"), checkpoint, force=force)
     _refuse_another_runs_checkpoint(payload, folder, checkpoint, force=force)
-    _on_main(dist, lambda: _lock(folder, cleanup, None))
+
+    def lock() -> None:
+        try:
+            _lock(folder, cleanup, None)
+        except OSError as err:
+            raise _cannot_set_up(folder, err, new=False) from None
+
+    _on_main(dist, lock)
     state = restore(built, payload, checkpoint)
     recorded = _read_json(folder / "summary.json")
     if built.settings.done(state, len(built.train_batches)) and recorded.get("status") == "completed" and recorded.get("steps") == state.step:
@@ -496,9 +503,9 @@ def _train_and_record(run: ActiveRun) -> RunResult:
     except Stopped as err:
         ended = Ended("interrupted", f"stopped by {err} after step {run.state.step}", err.exit_code)
     except (TrainingFailed, UsageError) as err:  # a UsageError here: data unreadable mid-run (a corrupt image)
-        ended = Ended("failed", str(err), 1)
+        ended = Ended("failed", _folder_problem(run) or str(err), 1)
     except OSError as err:  # a full or read-only disk under metrics.jsonl or TensorBoard's file
-        ended = Ended("failed", f"cannot write the run's files in '{run.folder}': {_os_reason(err)}", 1)
+        ended = Ended("failed", _folder_problem(run) or _cannot_write_files(run, err), 1)
     except Exception as err:
         from trainer import distributed
 
@@ -510,6 +517,17 @@ def _train_and_record(run: ActiveRun) -> RunResult:
     finally:
         summary = _record(run, ended)
     return RunResult(ended.status, run.folder, summary, ended.error, ended.exit_code)
+
+
+def _folder_problem(run: ActiveRun) -> str | None:
+    """A run folder moved or deleted: what the failed writes that follow come from, said plainly."""
+    return run.held.problem() if run.held is not None else None
+
+
+def _cannot_write_files(run: ActiveRun, err: Exception) -> str:
+    if isinstance(err, OSError):
+        return f"cannot write the run's files in '{run.folder}': {_os_reason(err)}"
+    return str(err)
 
 
 @dataclass
@@ -624,8 +642,8 @@ def _record(run: ActiveRun, ended: Ended) -> dict[str, Any]:
         if ended.status == "completed":
             tracker.log_hparams(_hparams(run.built.config), {f"best/{k}": v for k, v in run.state.best.items()})
         tracker.flush()
-    except OSError as err:
-        ended.failed_to_write(f"the metric files could not be written: {_os_reason(err)}")
+    except (OSError, TrainingFailed) as err:  # the disk failed under them, or metrics.jsonl was deleted
+        ended.failed_to_write(_cannot_write_files(run, err))
     now = time.perf_counter()
     summary = _summary(ended.status, ended.error, run.state, now - run.started, run.built)
     summary["train_time_s"] = round(now - run.fit_started, 4) if run.fit_started is not None else 0.0  # the loop alone
@@ -642,9 +660,9 @@ def _record(run: ActiveRun, ended: Ended) -> dict[str, Any]:
             nproc = f" --nproc {run.built.world_size}" if run.dist is not None else ""
             tracker.message(f"resume with: trainer resume {run.folder}{nproc}")
         tracker.close()
-    except OSError as err:  # the metric files' last points, on a disk that failed under them
-        ended.failed_to_write(f"the metric files could not be written: {_os_reason(err)}")
-        with contextlib.suppress(OSError):
+    except (OSError, TrainingFailed) as err:  # the metric files' last points, on a disk that failed under them
+        ended.failed_to_write(_cannot_write_files(run, err))
+        with contextlib.suppress(OSError, TrainingFailed):
             tracker.close()
     if run.dist is not None and ended.status != "failed":
         distributed.leave()  # after a failure the other ranks may be gone; torchrun ends this one
