@@ -72,6 +72,9 @@ def seed_runs(tmp_path_factory):
                 proc = subprocess.run(
                     [trainer_executable(), "run", str(CONFIGS / name), *overrides.get(name, [])],
                     cwd=work, capture_output=True, text=True, timeout=600,
+                    # one thread: the other worker has the other core, and two threads on one busy core
+                    # made the ConvNet's run ten times slower (145 s of the suite's 15 minutes)
+                    env={**os.environ, "OMP_NUM_THREADS": "1"},
                 )  # fmt: skip
                 results[name] = {"returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr, "cwd": str(work)}
             record.write_text(json.dumps(results))
