@@ -57,25 +57,12 @@ class Distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
-    def min(self, tensor: Any) -> Any:
-        """Minimum of `tensor` over all ranks, in place; returns it."""
-        import torch.distributed as dist
-
-        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-        return tensor
-
     def max(self, tensor: Any) -> Any:
         """Maximum of `tensor` over all ranks, in place; returns it."""
         import torch.distributed as dist
 
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return tensor
-
-    def max_int(self, value: int, device: Any) -> int:
-        """The largest of every rank's `value`."""
-        import torch
-
-        return int(self.max(torch.tensor([value], device=device)).item())
 
     def sync_buffers(self, model: Any) -> None:
         """Give every rank rank 0's buffers (BatchNorm's running stats, say).

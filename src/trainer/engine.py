@@ -153,14 +153,11 @@ class RunningLoss:
             self.clipping = True
             torch.maximum(v["grad_norm"], grad_norm.detach().float(), out=v["grad_norm"])
 
-    def _pending_steps(self) -> tuple[int, int]:
-        return _pending_steps(self.values)
-
     def _fold(self) -> tuple[int, int]:
         """Add the device sum to the window's and the epoch's (a read's one wait for the device);
         returns the steps it held."""
         v = self.values
-        steps = self._pending_steps()
+        steps = _pending_steps(self.values)
         if v["pending_batches"]:
             total = v["pending"].item()
             v["window_loss"] += total
