@@ -197,6 +197,10 @@ class Stopped(Exception):
         self.exit_code = 128 + signum
 
 
+class Pruned(Exception):
+    """The `on_epoch` hook of a sweep's trial asked the run to stop: it is not worth finishing."""
+
+
 class StopRequests:
     """While active, SIGINT and SIGTERM ask the loop to stop after the current step (it saves
     last.pt first); a second SIGINT stops at once.
@@ -229,7 +233,7 @@ class StopRequests:
 
 @dataclass
 class RunResult:
-    status: str  # completed | failed | interrupted
+    status: str  # completed | failed | interrupted | pruned
     run_dir: Path
     summary: dict[str, Any]
     error: str | None = None  # what stopped a failed or interrupted run
@@ -306,6 +310,7 @@ class ActiveRun:
     checkpoints: Any = None
     fit_started: float | None = None
     digests: list[str] | None = None  # each rank's parameters at the end of a data-parallel run
+    on_epoch: Callable[[Any, dict[str, float]], bool] | None = None  # a sweep's hook: True stops the run (pruned)
 
     @property
     def main(self) -> bool:
@@ -326,6 +331,7 @@ def execute_run(
     tensorboard: bool = True,
     data_dir: Path | None = None,
     started: float | None = None,
+    on_epoch: Callable[[Any, dict[str, float]], bool] | None = None,
 ) -> RunResult:
     """Build and train one config, writing its run folder (or continuing one, with `resume`).
 
@@ -334,7 +340,8 @@ def execute_run(
     other exception is recorded and re-raised. The run folder is locked while this runs (see
     `lock_run_folder`). `data_dir`: where relative data paths are read from (`started_in` of the
     run folder, for a resume of it). `started`: the perf_counter time the command started at,
-    which summary.json's wall_time_s counts from (default: now).
+    which summary.json's wall_time_s counts from (default: now). `on_epoch(state, metrics)`: called
+    after each epoch's validation; True stops the run after saving last.pt, with status `pruned`.
     """
     from trainer.build import build_run, check_one_batch
 
@@ -363,7 +370,7 @@ def execute_run(
             raise _cannot_set_up(folder, err, new=resume is None) from None
         if held is not None:
             cleanup.callback(held.close)
-        run = ActiveRun(built, folder, state, tracker, stop, started, dist, resumed_from, held)
+        run = ActiveRun(built, folder, state, tracker, stop, started, dist, resumed_from, held, on_epoch=on_epoch)
         return _train_and_record(run)
 
 
@@ -502,6 +509,8 @@ def _train_and_record(run: ActiveRun) -> RunResult:
         ended = Ended("interrupted", "stopped at once by a second SIGINT", 128 + signal.SIGINT)
     except Stopped as err:
         ended = Ended("interrupted", f"stopped by {err} after step {run.state.step}", err.exit_code)
+    except Pruned:
+        ended = Ended("pruned", f"pruned after epoch {run.state.epoch}", 0)
     except (TrainingFailed, UsageError) as err:  # a UsageError here: data unreadable mid-run (a corrupt image)
         ended = Ended("failed", _folder_problem(run) or str(err), 1)
     except OSError as err:  # a full or read-only disk under metrics.jsonl or TensorBoard's file
@@ -589,12 +598,16 @@ def _train(run: ActiveRun) -> None:
     def on_epoch_end(state: Any, metrics: dict[str, float]) -> None:
         done = settings.done(state, steps_per_epoch)
         signum, save = agreed(run.stop.signum, done or checkpoints.due())
-        if save or signum is not None:
+        prune = not done and run.on_epoch is not None and run.on_epoch(state, metrics)
+        if save or signum is not None or prune:
             tracker.flush()
-        checkpoints.epoch_end(state, metrics, save=save or signum is not None)
+        checkpoints.epoch_end(state, metrics, save=save or signum is not None or prune)
         if signum is not None and not done:
             checkpoints.finish()
             raise Stopped(signum)
+        if prune:
+            checkpoints.finish()
+            raise Pruned()
 
     run.fit_started = time.perf_counter()
     fit(
@@ -639,7 +652,7 @@ def _record(run: ActiveRun, ended: Ended) -> dict[str, Any]:
         run.checkpoints.close()
     tracker = run.tracker
     try:  # the metric files first, so summary.json tells if they could not be written
-        if ended.status == "completed":
+        if ended.status in ("completed", "pruned"):
             tracker.log_hparams(_hparams(run.built.config), {f"best/{k}": v for k, v in run.state.best.items()})
         tracker.flush()
     except (OSError, TrainingFailed) as err:  # the disk failed under them, or metrics.jsonl was deleted
@@ -647,6 +660,8 @@ def _record(run: ActiveRun, ended: Ended) -> dict[str, Any]:
     now = time.perf_counter()
     summary = _summary(ended.status, ended.error, run.state, now - run.started, run.built)
     summary["train_time_s"] = round(now - run.fit_started, 4) if run.fit_started is not None else 0.0  # the loop alone
+    if run.checkpoints is not None:  # best.pt's metric: what a sweep ranks its trials by
+        summary["monitor"] = {"metric": run.checkpoints.monitor, "mode": run.checkpoints.mode, "best": _finite(run.state.best_checkpoint)}
     if run.dist is not None:
         summary["processes"] = {"world_size": run.dist.world_size, "parameters_sha256": run.digests}
     if run.main:

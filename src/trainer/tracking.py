@@ -44,7 +44,7 @@ _STYLE_ALIASES = {
     "success": "green",
     "info": "cyan",
 }
-_STATUS_STYLES = {"completed": "green", "failed": "red", "interrupted": "yellow"}
+_STATUS_STYLES = {"completed": "green", "failed": "red", "interrupted": "yellow", "pruned": "yellow"}
 
 
 # --------------------------------------------------------------------------- formatting helpers
