@@ -389,13 +389,19 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str], lines: _LineMap) -> list[Problem]:
     """Set each `key=value` in `data` (in place); malformed items become problems."""
-    problems = []
+    problems, parsed = [], []
     for item in overrides:
         try:
-            parts, value = parse_override(item)
+            parsed.append((item, *parse_override(item)))
         except ValueError as err:
             problems.append(Problem("", str(err), override=item))
-            continue
+    return problems + set_keys(data, parsed, lines)
+
+
+def set_keys(data: dict[str, Any], items: list[tuple[str, list[str], Any]], lines: _LineMap) -> list[Problem]:
+    """Set each (label, key parts, value) in `data` (in place); a problem of a key names its label."""
+    problems = []
+    for item, parts, value in items:
         node = data
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
@@ -425,44 +431,61 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], lines: _LineMap)
 MAX_CONFIG_BYTES = 4 * 2**20  # a config is a few KB; inline `tensors` data of a few thousand rows fits
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read, override and check a config file. Raises ConfigError (every problem) or UsageError."""
+def load_config(path: str | Path, overrides: list[str] | None = None, *, values: dict[str, Any] | None = None) -> Config:
+    """Read, override and check a config file. Raises ConfigError (every problem) or UsageError.
+
+    `values`: dotted key -> value, set after `overrides` (a sweep's trial); a problem they cause names its key.
+    """
+    data, lines = read_yaml_file(path, "config")
+    data.setdefault("name", Path(path).stem)
+    items = [(key, key.split("."), value) for key, value in (values or {}).items()]
+    original = _copy(data)
+    problems = set_keys(data, items, lines)
+    return config_from_dict(data, source=str(path), overrides=overrides or [], lines=lines, original=original, problems=problems)
+
+
+def read_yaml_file(path: str | Path, what: str) -> tuple[dict[str, Any], _LineMap]:
+    """A YAML mapping from a file (a config, a sweep file), with the line of each key; UsageError or
+    ConfigError when it cannot be one."""
     path = Path(path)
     source = str(path)
+    example = "configs/lenet.yaml" if what == "config" else "sweeps/lenet.yaml"
     if not path.exists():
-        raise UsageError(f"config file '{source}' does not exist; see the examples in configs/")
+        raise UsageError(f"{what} file '{source}' does not exist; see the examples in {example.split('/')[0]}/")
     if path.is_dir():
-        raise UsageError(f"'{source}' is a folder; give a YAML config file such as configs/lenet.yaml")
+        raise UsageError(f"'{source}' is a folder; give a YAML {what} file such as {example}")
     if not path.is_file():  # /dev/zero, a pipe: it may never end
-        raise UsageError(f"config file '{source}' is not a regular file (a device, a pipe or a socket); give a YAML file such as configs/lenet.yaml")
+        raise UsageError(f"{what} file '{source}' is not a regular file (a device, a pipe or a socket); give a YAML file such as {example}")
     try:
         with open(path, "rb") as file:
             raw = file.read(MAX_CONFIG_BYTES + 1)
         text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise UsageError(f"cannot read config file '{source}': {err}") from None
+        raise UsageError(f"cannot read {what} file '{source}': {err}") from None
     if len(raw) > MAX_CONFIG_BYTES:
         raise UsageError(
-            f"config file '{source}' is larger than {MAX_CONFIG_BYTES // 2**20} MB: not a config; "
+            f"{what} file '{source}' is larger than {MAX_CONFIG_BYTES // 2**20} MB: not a config; "
             "a config names its data (data.path, data.root) rather than holding it"
         )
     data, lines = _parse_yaml(text, source)
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(source, [Problem("", f"the file must be a mapping of keys (model:, data:, ...), got {type(data).__name__}", 1)])
-    data.setdefault("name", path.stem)
-    return config_from_dict(data, source=source, overrides=overrides or [], lines=lines)
+        keys = "(model:, data:, ...)" if what == "config" else "(config:, parameters:, ...)"
+        raise ConfigError(source, [Problem("", f"the file must be a mapping of keys {keys}, got {type(data).__name__}", 1)])
+    return data, lines
 
 
 def config_from_dict(
-    data: dict[str, Any], *, source: str = "config", overrides: list[str] | None = None, lines: _LineMap | None = None
+    data: dict[str, Any], *, source: str = "config", overrides: list[str] | None = None, lines: _LineMap | None = None,
+    original: dict[str, Any] | None = None, problems: list[Problem] | None = None,
 ) -> Config:
     """Check a config given as a dict (after YAML loading); raise ConfigError listing every problem."""
     lines = lines or _LineMap()
-    original = _copy(data)  # as the file has it: a constructor's refusal is pinned on the overrides that caused it
+    # as the file has it: a constructor's refusal is pinned on the overrides that caused it
+    original = _copy(data) if original is None else original
     data = _copy(data)
-    problems = list(lines.problems)  # keys the file gives twice
+    problems = list(lines.problems) + list(problems or [])  # keys the file gives twice
     problems += apply_overrides(data, overrides or [], lines)
     problems += _schema_problems(data)
     problems += _component_problems(data, origin=lines.origin, original=original)
