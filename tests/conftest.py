@@ -110,3 +110,26 @@ def start_run(tmp_path: Path, *args: Any, env: dict[str, str] | None = None, **s
         assert time.monotonic() < deadline, "the run saved no checkpoint in 120 s"
         time.sleep(0.1)
     return proc, folder
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server (tests/postgres.py), started the first time a test asks for it in
+    this pytest process (each xdist worker has its own) and stopped at the end of the session.
+    Missing binaries fail the test, never skip it: CI must run what needs the server."""
+    from postgres import PostgresUnavailable, start_server
+
+    try:
+        server = start_server()
+    except PostgresUnavailable as error:
+        raise pytest.fail.Exception(str(error), pytrace=False) from None
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server) -> str:
+    """`postgresql://trainer:PASSWORD@127.0.0.1:PORT/trainer`, a database on that server, for
+    `--storage`. Shared by the worker's tests: give each test its own study or sweep name, or
+    take a database of its own with `postgres_server.create_database(NAME)`."""
+    return postgres_server.url
