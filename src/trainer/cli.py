@@ -338,6 +338,53 @@ def _print_registry(kind: str) -> None:
     ViewConsole().print(table)
 
 
+@app.command("runs")
+def runs_(
+    root: Path = typer.Argument(Path("runs"), help="The folder to look for run folders in, at any depth"),
+    sort: str = typer.Option("started", "--sort", help="A column (name, started, status, epochs, steps, best, wall_time), a metric (val_loss: best first) or a config key"),
+    status: Optional[str] = typer.Option(None, "--status", help="Only runs of this status: completed, failed, interrupted, running, unreadable (several with commas)"),
+    as_json: bool = typer.Option(False, "--json", help="Print the runs as a JSON list"),
+    as_csv: bool = typer.Option(False, "--csv", help="Print the runs as CSV"),
+) -> None:
+    """The runs table: one row per run folder under ROOT, with the config keys that differ."""
+
+    def action() -> None:
+        import json
+
+        from trainer import catalog
+        from trainer.errors import UsageError
+
+        if as_json and as_csv:
+            raise UsageError("--json and --csv exclude each other; give one")
+        table = catalog.list_runs(root, sort=sort, status=status)
+        if as_json:
+            say(json.dumps(catalog.records(table), indent=2))
+        elif as_csv:
+            say(catalog.to_csv(table), end="")
+        elif not table.runs:
+            what = f"no {status} runs" if status else "no runs"
+            say(f"{what} under {root}" + (f" ({table.total} run(s) in all)" if table.total else ""))
+        else:
+            grid, note = catalog.runs_grid(table, width=catalog.terminal_width())
+            catalog.show(grid, *([note] if note else []))
+
+    _guarded(action)
+
+
+@app.command()
+def compare(
+    runs: List[Path] = typer.Argument(..., help="Two run folders or more, e.g. runs/lenet/20261201-101500 runs/lenet/20261201-103000", show_default=False),
+) -> None:
+    """What differs between runs: the config keys, then final and best metrics, the better marked."""
+
+    def action() -> None:
+        from trainer import catalog
+
+        catalog.show(*catalog.compare_grids(catalog.compare_runs(runs)))
+
+    _guarded(action)
+
+
 def main() -> None:  # pragma: no cover - `python -m trainer`
     app()
 
