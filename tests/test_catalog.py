@@ -151,7 +151,7 @@ def test_runs_filters_by_status_and_names_the_accepted_ones(cli, made):
     assert none.code == 0 and "no running runs under" in none.stdout and "5 run(s) in all" in none.stdout
     wrong = cli("runs", made["root"], "--status", "crashed")
     assert wrong.code == 2 and "'crashed'" in wrong.stderr
-    assert "completed, failed, interrupted, running, unreadable" in wrong.stderr
+    assert "completed, failed, interrupted, pruned, running, unreadable" in wrong.stderr
 
 
 def test_runs_writes_csv(cli, made):
@@ -353,6 +353,8 @@ def test_read_run_statuses_from_summary_lock_and_metrics(tmp_path):
     row = catalog.read_run(killed)
     assert (row.status, row.steps, row.epochs, row.monitor) == ("interrupted", 4, 1, "val_loss")
     assert row.wall_time_s == pytest.approx(1796119210.0 - 1796119200.0 + (1796119200.0 - 1796119200.0))
+    pruned = catalog.read_run(write_run(tmp_path / "pruned", config, {**summary_of(val_loss=0.7), "status": "pruned", "error": "pruned after epoch 1"}))
+    assert (pruned.status, pruned.error, pruned.best_value) == ("pruned", "pruned after epoch 1", 0.7)  # a sweep's pruner stopped it
     odd = catalog.read_run(write_run(tmp_path / "odd", config, {**summary_of(), "status": "exploded"}))
     assert odd.status == "unreadable" and "exploded" in odd.error
     listed = write_run(tmp_path / "list", "- 1\n", summary_of())

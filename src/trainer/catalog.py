@@ -26,7 +26,8 @@ import yaml
 from trainer.errors import UsageError
 from trainer.runs import LOCK_FILE
 
-STATUSES = ("completed", "failed", "interrupted", "running", "unreadable")
+STATUSES = ("completed", "failed", "interrupted", "pruned", "running", "unreadable")
+_ENDED = ("completed", "failed", "interrupted", "pruned")  # what summary.json records (pruned: a sweep's pruner stopped the trial)
 COLUMNS = ("name", "started", "status", "epochs", "steps", "best", "wall_time")
 RUN_FOLDER_HOLDS = (
     "a run folder holds config.yaml and env.json (and summary.json once the run has ended), "
@@ -197,9 +198,9 @@ def _read_outcome(run: Run, folder: Path, env: dict[str, Any], summary: dict[str
         run.status = "running"
     elif current:
         status = summary.get("status")
-        run.status = status if status in ("completed", "failed", "interrupted") else "unreadable"
+        run.status = status if status in _ENDED else "unreadable"
         if run.status == "unreadable":
-            run.error = f"summary.json has status {status!r}, not completed, failed or interrupted"
+            run.error = f"summary.json has status {status!r}, not {', '.join(_ENDED)}"
         elif status != "completed":
             run.error = summary.get("error") if isinstance(summary.get("error"), str) else None
     else:
@@ -662,7 +663,7 @@ class Grid:
 
 
 MAX_KEY_COLUMNS = 8  # config columns in the printed table; --json and --csv hold every key
-_STATUS_STYLES = {"failed": "red", "interrupted": "yellow", "running": "cyan", "unreadable": "magenta"}
+_STATUS_STYLES = {"failed": "red", "interrupted": "yellow", "pruned": "blue", "running": "cyan", "unreadable": "magenta"}
 
 
 def runs_grid(table: RunsTable, width: int | None = None) -> tuple[Grid, str | None]:

@@ -342,7 +342,7 @@ def _print_registry(kind: str) -> None:
 def runs_(
     root: Path = typer.Argument(Path("runs"), help="The folder to look for run folders in, at any depth"),
     sort: str = typer.Option("started", "--sort", help="A column (name, started, status, epochs, steps, best, wall_time), a metric (val_loss: best first) or a config key"),
-    status: Optional[str] = typer.Option(None, "--status", help="Only runs of this status: completed, failed, interrupted, running, unreadable (several with commas)"),
+    status: Optional[str] = typer.Option(None, "--status", help="Only runs of this status: completed, failed, interrupted, pruned, running, unreadable (several with commas)"),
     as_json: bool = typer.Option(False, "--json", help="Print the runs as a JSON list"),
     as_csv: bool = typer.Option(False, "--csv", help="Print the runs as CSV"),
 ) -> None:
