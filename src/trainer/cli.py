@@ -385,6 +385,51 @@ def compare(
     _guarded(action)
 
 
+@app.command()
+def sweep(
+    sweep_file: Path = typer.Argument(..., help="A sweep file, e.g. sweeps/lenet.yaml", show_default=False),
+    workers: int = typer.Option(1, "--workers", min=1, help="Trials run at once, each in its own process (threads split between them)"),
+    trials: Optional[int] = typer.Option(None, "--trials", min=1, help="How many trials (random/tpe); caps a grid's cells. Replaces the file's trials"),
+    storage: Optional[str] = typer.Option(None, "--storage", help="A database URL shared by several machines, e.g. postgresql://user:pw@host/db (default: a journal file in the sweep folder)"),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Run failed trials again, each in a new trial folder"),
+    force: bool = typer.Option(False, "--force", help="Go on with a sweep whose sweep file (or base config) changed since it started"),
+    runs_root: Path = typer.Option(Path("runs"), "--runs-root", help="Where the sweep folder goes: <root>/<sweep name>"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the sweep folder"),
+) -> None:
+    """Run many trials of a config as one experiment (Optuna); the same command again continues it."""
+
+    def action() -> None:
+        from trainer.sweep import load_sweep, run_sweep
+        from trainer.tracking import SweepView, format_metric
+
+        view = SweepView(err_console, metric=load_sweep(sweep_file, trials=trials).metric or "metric", quiet=quiet)
+        try:
+            result = run_sweep(
+                sweep_file, workers=workers, trials=trials, storage=storage, retry_failed=retry_failed, force=force,
+                root=runs_root, view=view,
+            )  # fmt: skip
+        finally:
+            view.close()
+        if not quiet:
+            counts = ", ".join(f"{n} {state}" for state, n in sorted(result.counts.items()))
+            err_console.print(f"sweep {result.folder.name}: {counts or 'no trials'}", markup=False)
+            for row in result.failed:
+                err_console.print(f"  failed: {row['trial']}: {row['error']}", markup=False)
+            if result.best is not None:
+                best = result.best
+                params = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items())
+                err_console.print(f"best: {best['folder'].name}, {view.metric} {format_metric(view.metric, best['value'])} ({params})", markup=False)
+                err_console.print(f"  run folder:  {best['folder']}\n  best config: {result.folder / 'best.yaml'}", markup=False)
+            err_console.print(f"  tensorboard --logdir {result.folder}", markup=False)
+            if result.exit_code in (130, 143):
+                err_console.print("stopped; run the same command again to go on", markup=False)
+        say(str(result.folder))
+        if result.exit_code:
+            raise typer.Exit(result.exit_code)
+
+    _guarded(action)
+
+
 def main() -> None:  # pragma: no cover - `python -m trainer`
     app()
 

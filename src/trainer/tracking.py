@@ -32,7 +32,7 @@ from trainer.console import ViewConsole
 from trainer.errors import TrainingFailed
 from trainer.events import EventFile
 
-__all__ = ["ConsoleOutput", "MetricFiles", "Tracker", "format_metric", "format_seconds"]
+__all__ = ["ConsoleOutput", "MetricFiles", "SweepView", "Tracker", "format_metric", "format_seconds"]
 
 METRICS_FILE = "metrics.jsonl"
 _JSON = json.JSONEncoder(allow_nan=False)  # json.dumps(..., allow_nan=False) builds one per call
@@ -704,3 +704,77 @@ class Tracker:
             self.output.close()
         finally:
             self.files.close()
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+_TRIAL_STYLES = {"complete": "green", "fail": "red", "interrupted": "yellow", "pruned": "yellow", "running": "cyan"}
+
+
+class SweepView:
+    """A sweep's trials as they run: a live Rich table on a terminal; off one, a plain line each time
+    a trial starts or ends. `update(rows)` takes `trainer.sweep.trial_rows`."""
+
+    def __init__(self, console: Console | None = None, *, metric: str, quiet: bool = False) -> None:
+        self.console = console or ViewConsole(stderr=True, highlight=False, soft_wrap=True)
+        self.metric = metric
+        self.quiet = quiet
+        self._states: dict[int, str] | None = None  # each trial's state as last shown; None before the first update
+        self._live: Any = None
+        if self.console.is_terminal and not quiet:
+            from rich.live import Live
+
+            self._live = Live(console=self.console, refresh_per_second=2, transient=False)
+            self._live.start()
+
+    def update(self, rows: list[dict[str, Any]]) -> None:
+        if self.quiet:
+            return
+        if self._live is not None:
+            try:
+                self._live.update(self.table(rows))
+            except OSError:
+                self._live = None
+            return
+        first = self._states is None
+        self._states = self._states or {}
+        for row in rows:
+            if self._states.get(row["number"]) != row["state"] and row["state"] != "waiting":
+                self._states[row["number"]] = row["state"]
+                if not first or row["state"] in ("running", "interrupted"):  # trials ended before this command are in the summary
+                    self.console.print(self._line(row), markup=False)
+
+    def table(self, rows: list[dict[str, Any]]) -> Table:
+        """The trials as a Rich table: trial, state, parameters, the metric, epochs, time."""
+        keys = list(dict.fromkeys(k for row in rows for k in row["params"]))
+        table = Table(show_edge=False, pad_edge=False, box=None)
+        for name in ("trial", "state", *keys, self.metric, "epochs", "time"):
+            table.add_column(name, justify="right" if name not in ("trial", "state") else "left", no_wrap=True)
+        for row in rows:
+            state = Text(row["state"], style=_TRIAL_STYLES.get(row["state"], ""))
+            value = format_metric(self.metric, row["value"]) if row["value"] is not None else ""
+            seconds = format_seconds(row["seconds"]) if row["seconds"] is not None else ""
+            table.add_row(row["trial"], state, *(_param_text(row["params"].get(k)) for k in keys), value, str(row["epochs"] or ""), seconds)
+        return table
+
+    def _line(self, row: dict[str, Any]) -> str:
+        params = " ".join(f"{k}={_param_text(v)}" for k, v in row["params"].items())
+        text = f"{row['trial']} {row['state']}: {params}"
+        if row["value"] is not None and row["state"] != "running":
+            text += f", {self.metric} {format_metric(self.metric, row['value'])}"
+        if row["state"] not in ("running", "interrupted") and row["seconds"] is not None:
+            text += f" ({format_seconds(row['seconds'])})"
+        if row["state"] == "fail" and row.get("error"):
+            text += f": {row['error']}"
+        return text
+
+    def close(self) -> None:
+        if self._live is not None:
+            with contextlib.suppress(OSError):
+                self._live.stop()
+            self._live = None
+
+
+def _param_text(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else "" if value is None else str(value)
