@@ -797,11 +797,35 @@ def evaluate_checkpoint(target: Path, *, split: str = "val", which: str | None =
     `target` is a checkpoint file or a run folder (then best.pt, or last.pt with which="last").
     `split`: "val" (the held-out split; for MNIST that is the test split), "test" (the same), or "train".
     """
-    from trainer.build import build_run
-    from trainer.config import ConfigError, config_from_dict
-    from trainer.checkpoint import trainer_checkpoint
     from trainer.engine import evaluate
 
+    if split not in ("val", "test", "train"):
+        raise UsageError(f"unknown split '{split}'; accepted: val, test, train", key="--split")
+    trained = load_trained(target, which=which, device=device)
+    built = trained.built
+    batches = built.train_batches if split == "train" else built.val_batches
+    if batches is None or len(batches) == 0:
+        raise UsageError("the run has no validation split (data.val_fraction is 0); try --split train", key="--split")
+    metrics = evaluate(
+        built.model, batches, built.loss_fn, precision=built.precision, classification=built.settings.classification
+    )
+    step = trained.payload.get("train_state", {}).get("step")
+    return {"checkpoint": str(trained.path), "split": split, "step": step, "samples": batches.num_samples, **metrics}
+
+
+@dataclass
+class Trained:
+    """A saved model, loaded: its checkpoint file, the checkpoint's contents, and its run built again
+    from the config inside (model with the saved weights, data, loss)."""
+
+    path: Path
+    payload: dict[str, Any]
+    built: Any
+
+
+def checkpoint_of(target: Path, which: str | None = None) -> Path:
+    """The checkpoint `target` names: a checkpoint file, or a run folder's best.pt (else last.pt;
+    `which` = "best" or "last" picks one)."""
     target = Path(target)
     if target.is_dir():
         folder = target / "checkpoints" if (target / "checkpoints").is_dir() else target
@@ -809,14 +833,22 @@ def evaluate_checkpoint(target: Path, *, split: str = "val", which: str | None =
         found = [folder / n for n in names if (folder / n).is_file()]
         if not found:
             raise UsageError(f"'{target}' holds no {' or '.join(names)}; give a run folder or a checkpoint file")
-        path = found[0]
-    elif which:
+        return found[0]
+    if which:
         raise UsageError("--best and --last pick a checkpoint in a run folder; give the folder, not a file")
-    else:
-        path = target
+    if not target.exists():
+        raise UsageError(f"'{target}' does not exist; give a run folder or a checkpoint file")
+    return target
+
+
+def load_trained(target: Path, *, which: str | None = None, device: str | None = None) -> Trained:
+    """The model saved in `target` (see `checkpoint_of`), built with its run's config and data."""
+    from trainer.build import build_run
+    from trainer.checkpoint import trainer_checkpoint
+    from trainer.config import ConfigError, config_from_dict
+
+    path = checkpoint_of(target, which)
     payload = trainer_checkpoint(path)
-    if split not in ("val", "test", "train"):
-        raise UsageError(f"unknown split '{split}'; accepted: val, test, train", key="--split")
     try:
         config = config_from_dict(payload["config"], source=f"the config inside {path}")
     except (KeyError, ConfigError) as err:
@@ -826,14 +858,7 @@ def evaluate_checkpoint(target: Path, *, split: str = "val", which: str | None =
         built.model.load_state_dict(payload["model"])
     except (KeyError, RuntimeError) as err:
         raise UsageError(f"checkpoint '{path}' does not fit its model: {str(err).splitlines()[0]}") from None
-    batches = built.train_batches if split == "train" else built.val_batches
-    if batches is None or len(batches) == 0:
-        raise UsageError("the run has no validation split (data.val_fraction is 0); try --split train", key="--split")
-    metrics = evaluate(
-        built.model, batches, built.loss_fn, precision=built.precision, classification=built.settings.classification
-    )
-    step = payload.get("train_state", {}).get("step")
-    return {"checkpoint": str(path), "split": split, "step": step, "samples": batches.num_samples, **metrics}
+    return Trained(path, payload, built)
 
 
 def _note_resume(folder: Path, checkpoint: Path, step: int) -> None:
