@@ -39,10 +39,18 @@ def _other_rank() -> bool:
     return _under_torchrun() and os.environ.get("RANK", "0") not in ("", "0")
 
 
+def _first_of_another_node() -> bool:
+    """Whether this is the first process of a machine other than rank 0's (torchrun on several):
+    rank 0's messages are in its own machine's log, so this one speaks in this machine's."""
+    return os.environ.get("LOCAL_RANK") == "0" and os.environ.get("GROUP_RANK", "0") not in ("", "0")
+
+
 def _fail(message: str, code: int) -> None:
     # markup off: messages repeat user input, which may contain [brackets]
     if not _other_rank():
         err_console.print(f"error: {message}", markup=False, style="bold red" if code != EXIT_USAGE else None)
+    elif _first_of_another_node():
+        err_console.print(f"error: rank {os.environ['RANK']}: {message}", markup=False)
     raise typer.Exit(code)
 
 
@@ -399,10 +407,10 @@ def sweep(
     """Run many trials of a config as one experiment (Optuna); the same command again continues it."""
 
     def action() -> None:
-        from trainer.sweep import load_sweep, run_sweep
+        from trainer.sweep import run_sweep
         from trainer.tracking import SweepView, format_metric
 
-        view = SweepView(err_console, metric=load_sweep(sweep_file, trials=trials).metric or "metric", quiet=quiet)
+        view = SweepView(err_console, quiet=quiet)  # run_sweep tells it the metric, once the sweep file is read
         try:
             result = run_sweep(
                 sweep_file, workers=workers, trials=trials, storage=storage, retry_failed=retry_failed, force=force,

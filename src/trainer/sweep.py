@@ -543,10 +543,10 @@ def _take_next(study: Any, sweep: Sweep, owner: dict[str, Any]) -> Any:
         if sweep.method != "tpe" or _used_slots(study) >= (sweep.trials or 0):
             return None
         trial_id = storage.create_new_trial(study_id)
-    trial = optuna.Trial(study, trial_id)
-    trial.set_user_attr("owner", owner)
     if sweep.method == "tpe":  # seeded by trial number: a resumed sweep draws what it would have drawn
-        study.sampler = optuna.samplers.TPESampler(seed=sweep.seed + trial.number)
+        study.sampler = optuna.samplers.TPESampler(seed=sweep.seed + storage.get_trial_number_from_id(trial_id))
+    trial = optuna.Trial(study, trial_id)  # after the sampler: a Trial tells it that it begins
+    trial.set_user_attr("owner", owner)
     _suggest(trial, sweep)
     if sweep.method == "tpe" and trial.number >= _slot_limit(study, sweep):
         trial.set_user_attr("surplus", True)  # two workers drew at once past `trials`: drop this one
@@ -786,6 +786,8 @@ def run_sweep(
     report on `view` (tracking.SweepView). Bad input raises UsageError before anything is created."""
     sweep = load_sweep(path, trials=trials)
     _check_first_trial(sweep)
+    if view is not None:
+        view.metric = sweep.metric
     folder = Path(root) / sweep.name
     _refuse_foreign_folder(folder, sweep.name)
     _refuse_other_storage(folder, storage)

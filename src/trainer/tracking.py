@@ -716,7 +716,7 @@ class SweepView:
     """A sweep's trials as they run: a live Rich table on a terminal; off one, a plain line each time
     a trial starts or ends. `update(rows)` takes `trainer.sweep.trial_rows`."""
 
-    def __init__(self, console: Console | None = None, *, metric: str, quiet: bool = False) -> None:
+    def __init__(self, console: Console | None = None, *, metric: str = "metric", quiet: bool = False) -> None:
         self.console = console or ViewConsole(stderr=True, highlight=False, soft_wrap=True)
         self.metric = metric
         self.quiet = quiet
