@@ -44,7 +44,8 @@ def cli(tmp_path: Path):
     """Run `trainer ARGS...` in a subprocess with `tmp_path` as the working folder (so runs/ lands there)."""
 
     def run(*args: Any, cwd: Path | None = None, timeout: float = 300, env: dict[str, str] | None = None) -> Result:
-        full_env = {**os.environ, "COLUMNS": "120", **(env or {})}
+        # one thread: beside the other xdist worker, torch's second thread only waits for a core
+        full_env = {**os.environ, "COLUMNS": "120", "OMP_NUM_THREADS": "1", **(env or {})}
         proc = subprocess.run(
             [trainer_executable(), *map(str, args)],
             cwd=cwd or tmp_path,
@@ -102,7 +103,8 @@ def start_run(tmp_path: Path, *args: Any, env: dict[str, str] | None = None, **s
     folder = tmp_path / "run"
     proc = subprocess.Popen(
         [trainer_executable(), "run", str(path), "--run-dir", str(folder), *map(str, args)],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
     )  # fmt: skip
     deadline = time.monotonic() + 120
     while not (folder / "checkpoints" / "last.pt").exists():
