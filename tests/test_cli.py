@@ -14,7 +14,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import CONFIGS, REPO
+from conftest import CONFIGS, REPO, Result
 from datafiles import make_mnist
 
 SEED_CONFIGS = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.glob("*.yaml"))
@@ -34,6 +34,27 @@ def summary(folder: Path) -> dict:
     return json.loads((folder / "summary.json").read_text())
 
 
+def in_process(*args, cwd: Path) -> Result:
+    """`trainer ARGS...` run in this process through Typer's CliRunner, from `cwd`.
+
+    For the many cases of one code path (bad configs, bad overrides): each through the console script
+    paid a process start and a torch import, ~5 s of CPU, for a check of a few milliseconds. The tests
+    that start the console script itself keep the exit codes and messages a user meets covered. An
+    exception that escaped the command would be a traceback there: it fails the test here."""
+    import contextlib
+    import traceback
+
+    from typer.testing import CliRunner
+
+    from trainer.cli import app
+
+    with contextlib.chdir(cwd):
+        result = CliRunner(env={"COLUMNS": "120", "TRAINER_DEBUG": None}).invoke(app, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise AssertionError("".join(traceback.format_exception(*result.exc_info)))
+    return Result(result.exit_code, result.stdout, result.stderr, cwd)
+
+
 # ---------------------------------------------------------------------------------------------
 # every shipped config runs
 
@@ -44,42 +65,52 @@ def test_the_design_seed_configs_are_all_there():
     assert {"mnist/lenet.yaml", "mnist/convnet.yaml"} <= set(MNIST_CONFIGS)
 
 
-@pytest.fixture(scope="session")
-def seed_runs(tmp_path_factory):
-    """Each seed config run once, in full, through the console script (shared by the checks below).
+class SeedRuns:
+    """The seed configs' runs by config name, each run on first use (see `seed_runs`)."""
 
-    Once per test session, not per xdist worker: the first worker to get here runs them under a
-    file lock in the folder the workers share, and the others read what it recorded.
-    """
-    from types import SimpleNamespace
+    # two_layer_net and mlp log every step here so their curves can be compared with the notebooks'
+    OVERRIDES = {"two_layer_net.yaml": ["train.log_every=1"], "mlp.yaml": ["train.log_every=1"]}
 
-    from filelock import FileLock
+    def __init__(self, shared: Path) -> None:
+        self.shared = shared
+        self.work = shared / "seed_runs"
 
-    from conftest import trainer_executable
+    def __getitem__(self, name: str):
+        from types import SimpleNamespace
 
-    shared = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        shared = shared.parent  # the session's folder, above each worker's own
-    record = shared / "seed_runs.json"
-    with FileLock(str(shared / "seed_runs.lock")):
-        if not record.exists():
-            work = shared / "seed_runs"
-            work.mkdir()
-            results = {}
-            # two_layer_net and mlp log every step here so their curves can be compared with the notebooks'
-            overrides = {"two_layer_net.yaml": ["train.log_every=1"], "mlp.yaml": ["train.log_every=1"]}
-            for name in SEED_CONFIGS:
+        from filelock import FileLock
+
+        from conftest import trainer_executable
+
+        record = self.shared / f"seed_run_{name}.json"
+        with FileLock(str(self.shared / f"seed_run_{name}.lock")):
+            if not record.exists():
+                self.work.mkdir(exist_ok=True)
                 proc = subprocess.run(
-                    [trainer_executable(), "run", str(CONFIGS / name), *overrides.get(name, [])],
-                    cwd=work, capture_output=True, text=True, timeout=600,
+                    [trainer_executable(), "run", str(CONFIGS / name), *self.OVERRIDES.get(name, [])],
+                    cwd=self.work, capture_output=True, text=True, timeout=600,
                     # one thread: the other worker has the other core, and two threads on one busy core
                     # made the ConvNet's run ten times slower (145 s of the suite's 15 minutes)
                     env={**os.environ, "OMP_NUM_THREADS": "1"},
                 )  # fmt: skip
-                results[name] = {"returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr, "cwd": str(work)}
-            record.write_text(json.dumps(results))
-    loaded = json.loads(record.read_text())
-    return {name: SimpleNamespace(**{**r, "cwd": Path(r["cwd"])}) for name, r in loaded.items()}
+                result = {"returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr, "cwd": str(self.work)}
+                record.write_text(json.dumps(result))
+        return SimpleNamespace(**{**json.loads(record.read_text()), "cwd": self.work})
+
+
+@pytest.fixture(scope="session")
+def seed_runs(tmp_path_factory):
+    """Each seed config run once, in full, through the console script (shared by the checks below).
+
+    Once per test session, not per xdist worker, and each config on its own: the first worker to ask
+    for a config runs it under that config's file lock in the folder the workers share, and the others
+    read what it recorded. (One lock for all of them made the other worker wait for every seed run,
+    several minutes, before its first check of one.)
+    """
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the session's folder, above each worker's own
+    return SeedRuns(shared)
 
 
 @pytest.mark.parametrize("name", SEED_CONFIGS)
@@ -279,8 +310,9 @@ def test_list_models_shows_every_model(cli):
 
 
 @pytest.mark.parametrize("kind,expected", [("datasets", "digits"), ("losses", "cross_entropy"), ("optimizers", "adamw"), ("schedulers", "cosine")])
-def test_list_registries(cli, kind, expected):
-    result = cli("list", kind)
+def test_list_registries(tmp_path, kind, expected):
+    # in process: test_list_models_shows_every_model starts the console script for the same command
+    result = in_process("list", kind, cwd=tmp_path)
     assert result.code == 0 and expected in result.stdout
 
 
@@ -365,7 +397,7 @@ BAD_CONFIGS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
-def test_bad_config_exits_2_naming_the_key(cli, write_config, tmp_path, case):
+def test_bad_config_exits_2_naming_the_key(write_config, tmp_path, case):
     overrides, expected = BAD_CONFIGS[case]
     config = {
         "name": "bad",
@@ -379,7 +411,7 @@ def test_bad_config_exits_2_naming_the_key(cli, write_config, tmp_path, case):
             config.pop(key)
         else:
             config[key] = value
-    result = cli("run", write_config(config))
+    result = in_process("run", write_config(config), cwd=tmp_path)
     assert result.code == 2, result.output
     assert "Traceback" not in result.output
     for text in expected:
@@ -418,8 +450,18 @@ BAD_OVERRIDES = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_OVERRIDES))
-def test_bad_override_exits_2_naming_the_key(cli, tmp_path, case):
+def test_bad_override_exits_2_naming_the_key(tmp_path, case):
     overrides, key, text = BAD_OVERRIDES[case]
+    result = in_process("run", CONFIGS / "lenet.yaml", *overrides, cwd=tmp_path)
+    assert result.code == 2, result.output
+    assert "Traceback" not in result.output
+    assert key in result.stderr and text in result.stderr, result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_bad_override_through_the_console_script(cli, tmp_path):
+    # the cases above run in process; this one as a user meets it
+    overrides, key, text = BAD_OVERRIDES["unknown path"]
     result = cli("run", CONFIGS / "lenet.yaml", *overrides)
     assert result.code == 2, result.output
     assert "Traceback" not in result.output
