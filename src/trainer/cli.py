@@ -108,6 +108,24 @@ def _load(config: Path, overrides: Optional[List[str]]):
     return load_config(config, overrides or [])
 
 
+PluginsOpt = typer.Option(
+    None, "--plugins", help="Your own models and datasets: Python files or modules, comma-separated (also TRAINER_PLUGINS)"
+)
+
+
+def _plugins(option: Optional[str], run: Optional[Path] = None, force: bool = False) -> None:
+    """Import the plugins; for a command on a run (a folder or a checkpoint in one), first check that
+    the plugins it was trained with are loaded and unchanged."""
+    from trainer.plugins import load_plugins, refuse_missing_plugins
+
+    load_plugins(option)
+    if run is not None:
+        from trainer.runs import _read_json
+
+        folder = run if run.is_dir() else run.parent.parent
+        refuse_missing_plugins(_read_json(folder / "env.json").get("plugins"), force=force, folder=folder)
+
+
 @app.command()
 def run(
     config: Path = ConfigArg,
@@ -121,10 +139,12 @@ def run(
     ),
     force: bool = typer.Option(False, "--force", help="Resume even if the run differs from the checkpoint's (seed, model, data, optimizer, ...)"),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Train data-parallel in N processes on this machine (torchrun); data.batch_size is per process"),
+    plugins: Optional[str] = PluginsOpt,
 ) -> None:
     """Train a model from CONFIG; prints the run folder."""
 
     def action() -> None:
+        _plugins(plugins, Path(resume) if resume and Path(resume).exists() else None, force)
         cfg = _load(config, overrides)  # a bad config fails here, once, before any process starts
         if nproc > 1:
             _launch(nproc)
@@ -163,6 +183,7 @@ def resume(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the run folder"),
     force: bool = typer.Option(False, "--force", help="Resume even if the run differs from the checkpoint's (seed, model, data, optimizer, ...)"),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Resume in N processes (torchrun); as many as the run had"),
+    plugins: Optional[str] = PluginsOpt,
 ) -> None:
     """Continue an interrupted run in its own folder, from its newest checkpoint that loads."""
 
@@ -172,6 +193,7 @@ def resume(
 
         if not (run_dir / "config.yaml").is_file():
             raise UsageError(f"'{run_dir}' is not a run folder: it has no config.yaml")
+        _plugins(plugins, run_dir, force)
         cfg = _load(run_dir / "config.yaml", overrides)
         if nproc > 1:
             _launch(nproc)
@@ -211,6 +233,8 @@ def eval_(
     last: bool = typer.Option(False, "--last", help="Use the run folder's last.pt"),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N, mps"),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as one JSON object"),
+    plugins: Optional[str] = PluginsOpt,
+    force: bool = typer.Option(False, "--force", help="Go on with a plugin file that changed since the run"),
 ) -> None:
     """Evaluate a saved model on its data and print its metrics."""
 
@@ -222,6 +246,7 @@ def eval_(
 
         if best and last:
             raise UsageError("--best and --last exclude each other")
+        _plugins(plugins, target if target.exists() else None, force)
         metrics = evaluate_checkpoint(target, split=split, which="best" if best else "last" if last else None, device=device)
         if as_json:
             say(json.dumps(metrics))
@@ -237,7 +262,7 @@ def eval_(
 
 
 @app.command()
-def validate(config: Path = ConfigArg, overrides: Optional[List[str]] = OverridesArg) -> None:
+def validate(config: Path = ConfigArg, overrides: Optional[List[str]] = OverridesArg, plugins: Optional[str] = PluginsOpt) -> None:
     """Check CONFIG, build everything and push one batch through; trains nothing."""
 
     def action() -> None:
@@ -245,6 +270,7 @@ def validate(config: Path = ConfigArg, overrides: Optional[List[str]] = Override
         from trainer.data import describe_data
         from trainer.models import count_parameters
 
+        _plugins(plugins)
         cfg = _load(config, overrides)
         built = build_run(cfg)
         check_one_batch(built)
@@ -265,12 +291,13 @@ def validate(config: Path = ConfigArg, overrides: Optional[List[str]] = Override
 
 
 @app.command("show-config")
-def show_config(config: Path = ConfigArg, overrides: Optional[List[str]] = OverridesArg) -> None:
+def show_config(config: Path = ConfigArg, overrides: Optional[List[str]] = OverridesArg, plugins: Optional[str] = PluginsOpt) -> None:
     """Print the fully resolved config as YAML: defaults and inferred sizes filled in."""
 
     def action() -> None:
         from trainer.build import build_run
 
+        _plugins(plugins)
         cfg = _load(config, overrides)
         built = build_run(cfg)
         sys.stdout.write(built.config.to_yaml())
@@ -293,9 +320,14 @@ def schema() -> None:
 
 
 @app.command("list-models")
-def list_models() -> None:
+def list_models(plugins: Optional[str] = PluginsOpt) -> None:
     """The registered models: name, description, input shape, parameter count."""
-    _guarded(lambda: _print_registry("models"))
+
+    def action() -> None:
+        _plugins(plugins)
+        _print_registry("models")
+
+    _guarded(action)
 
 
 class Kind(str, Enum):
@@ -307,10 +339,14 @@ class Kind(str, Enum):
 
 
 @app.command("list")
-def list_(kind: Optional[Kind] = typer.Argument(None, help="models, datasets, losses, optimizers or schedulers")) -> None:
+def list_(
+    kind: Optional[Kind] = typer.Argument(None, help="models, datasets, losses, optimizers or schedulers"),
+    plugins: Optional[str] = PluginsOpt,
+) -> None:
     """List a registry (all of them when KIND is left out)."""
 
     def action() -> None:
+        _plugins(plugins)
         for k in [kind] if kind else list(Kind):
             _print_registry(k.value)
 
@@ -403,10 +439,12 @@ def sweep(
     force: bool = typer.Option(False, "--force", help="Go on with a sweep whose sweep file (or base config) changed since it started"),
     runs_root: Path = typer.Option(Path("runs"), "--runs-root", help="Where the sweep folder goes: <root>/<sweep name>"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the sweep folder"),
+    plugins: Optional[str] = PluginsOpt,
 ) -> None:
     """Run many trials of a config as one experiment (Optuna); the same command again continues it."""
 
     def action() -> None:
+        _plugins(plugins)
         from trainer.sweep import run_sweep
         from trainer.tracking import SweepView, format_metric
 

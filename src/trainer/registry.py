@@ -23,6 +23,10 @@ from typing import Annotated, Any, Callable, Iterator
 from pydantic import BeforeValidator, FiniteFloat, StrictBool, StrictStr, TypeAdapter, ValidationError
 
 
+class RegistrationError(ValueError):
+    """A second factory under a name that is taken (a plugin naming its model like a built-in)."""
+
+
 class RegistryError(ValueError):
     """A name or keyword argument that a registry does not know; `key` is the offending name."""
 
@@ -156,7 +160,7 @@ class Registry:
     ) -> None:
         """Register `factory` under `name` (and `aliases`); by default its docstring's first sentence describes it."""
         if name in self._entries or name in self._aliases:
-            raise ValueError(f"{self.kind} '{name}' is already registered")
+            raise RegistrationError(f"{self.kind} '{name}' is already registered (trainer list {self.plural}); choose another name")
         self._entries[name] = Entry(
             name=name,
             factory=factory,
@@ -203,6 +207,12 @@ class Registry:
         self._load_plugins()
         if name in self.plugin_errors:
             return f"{self.kind} '{name}' is not available: {self.plugin_errors[name]}"
+        if "." in name or ":" in name:  # a module path, as Hydra's _target_ or Lightning's class_path take
+            return (
+                f"unknown {self.kind} '{name}': a config names registered {self.plural} only and never imports code; "
+                f"register yours in a plugin file and pass it on the command line: --plugins my_{self.plural}.py "
+                "(docs/plugins.md)"
+            )
         guess = close_match(name, list(self._entries) + list(self._aliases))
         hint = f"did you mean '{guess}'? " if guess else ""
         return f"unknown {self.kind} '{name}'; {hint}(trainer list {self.plural})"

@@ -19,7 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
-from trainer import __version__
+from trainer import __version__, plugins
 from trainer.errors import TrainingFailed, UsageError, first_line
 
 RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "env.json")
@@ -182,6 +182,7 @@ def environment(device: str, device_reason: str, dist: Any = None) -> dict[str, 
         "device_reason": device_reason,
         "git_commit": _git_commit(),
         "distributed": processes,
+        "plugins": plugins.loaded(),  # path and SHA-256 of each: a later command on the run checks them
     }
 
 

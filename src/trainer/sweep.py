@@ -741,6 +741,9 @@ def _worker_main(argv: list[str]) -> int:
     """`python -m trainer.sweep SWEEP_DIR INDEX [RESUME,...]`: what the sweep command starts per worker."""
     _die_with_parent()
     sweep_dir, index = Path(argv[0]), int(argv[1])
+    from trainer.plugins import load_plugins
+
+    load_plugins(None)  # TRAINER_PLUGINS, set by the sweep command
     resume = [int(n) for n in argv[2].split(",") if n] if len(argv) > 2 else []
     try:
         return work(sweep_dir, index, resume)
@@ -864,6 +867,10 @@ def _run_workers(folder: Path, study: Any, sweep: Sweep, workers: int, resume: l
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     if storage:
         env[STORAGE_ENV] = storage
+    from trainer.plugins import ENV_VAR, loaded
+
+    if loaded():  # the workers import the plugins this command did
+        env[ENV_VAR] = ",".join(entry["path"] for entry in loaded())
     procs = []
     for index in range(count):
         mine = ",".join(str(n) for n in resume[index::count])
