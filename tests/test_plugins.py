@@ -123,3 +123,16 @@ def test_a_missing_plugin_is_named(tmp_path: Path, cli) -> None:
     assert result.code == 2 and "'nowhere.py' is not a file" in result.stderr
     module = cli("list-models", "--plugins", "no_such_module")
     assert module.code == 2 and "no file or module 'no_such_module'" in module.stderr
+
+
+def test_the_plugin_example_in_the_docs_validates(tmp_path: Path, cli) -> None:
+    import re
+
+    doc = (Path(__file__).parents[1] / "docs" / "plugins.md").read_text()
+    (tmp_path / "my_models.py").write_text(re.search(r"```python\n(.*?)```", doc, re.S).group(1))
+    (tmp_path / "my.yaml").write_text(re.search(r"```yaml\n(.*?)```", doc, re.S).group(1))
+    result = cli("validate", "my.yaml", "--plugins", "my_models.py")
+    assert result.code == 0, result.output
+    assert "model tiny_cnn" in result.stdout
+    blobs = cli("validate", "my.yaml", "--plugins", "my_models.py", "model.name=mlp", "~model.width", "data.name=blobs", "~data.image_size")
+    assert blobs.code == 0, blobs.output
