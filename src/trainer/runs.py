@@ -599,7 +599,7 @@ def _train(run: ActiveRun) -> None:
     def on_epoch_end(state: Any, metrics: dict[str, float]) -> None:
         done = settings.done(state, steps_per_epoch)
         signum, save = agreed(run.stop.signum, done or checkpoints.due())
-        prune = not done and run.on_epoch is not None and run.on_epoch(state, metrics)
+        prune = run.on_epoch is not None and run.on_epoch(state, metrics) and not done  # the last epoch reports too
         if save or signum is not None or prune:
             tracker.flush()
         checkpoints.epoch_end(state, metrics, save=save or signum is not None or prune)
