@@ -84,6 +84,14 @@ class Distributed:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def all_gather(self, value: Any) -> list[Any]:
+        """Every rank's `value` (any picklable object), as a list on every rank."""
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, value)
+        return out
+
     def gather(self, value: Any) -> list[Any] | None:
         """Every rank's `value` as a list on rank 0 (None elsewhere)."""
         import torch.distributed as dist

@@ -344,16 +344,13 @@ def execute_run(
     which summary.json's wall_time_s counts from (default: now). `on_epoch(state, metrics)`: called
     after each epoch's validation; True stops the run after saving last.pt, with status `pruned`.
     """
-    from trainer.build import build_run, check_one_batch
-
     started = time.perf_counter() if started is None else started
 
     if resume is not None and run_dir is not None:
         raise UsageError("--run-dir and --resume do not go together: a resumed run continues in its own folder")
     with contextlib.ExitStack() as cleanup:  # the signal handlers and the folder's lock, however the run ends
         dist, device = _join_processes(config, device)
-        built = build_run(config, device=device, data_dir=data_dir, **({"rank": dist.rank, "world_size": dist.world_size} if dist else {}))
-        check_one_batch(built)
+        built = _on_every_rank(dist, lambda: _build(config, device, data_dir, dist))
         # from before the run folder exists: a signal from here on stops the run after a step, with its
         # summary.json, never leaving a folder without one (building the data above stays interruptible)
         stop = cleanup.enter_context(StopRequests(ignore_after=dist is not None))
@@ -388,6 +385,37 @@ def _join_processes(config: Any, device: str | None) -> tuple[Any, str | None]:
     device = distributed.rank_device(device or config.device, dist)
     distributed.join(dist, torch.device(device))
     return dist, device
+
+
+def _build(config: Any, device: str | None, data_dir: Path | None, dist: Any) -> Any:
+    """The run's parts (this rank's share of the data), with one batch pushed through them."""
+    from trainer.build import build_run, check_one_batch
+
+    built = build_run(config, device=device, data_dir=data_dir, **({"rank": dist.rank, "world_size": dist.world_size} if dist else {}))
+    check_one_batch(built)
+    return built
+
+
+def _on_every_rank(dist: Any, act: Callable[[], Any]) -> Any:
+    """`act()` on every rank; bad input met on any rank is raised on all of them. On several
+    machines one may lack what the others have (the data on its own disk): rank 0 then tells
+    which rank and machine, and no rank waits for the failed one in a collective."""
+    if dist is None:
+        return act()
+    import socket
+
+    result, error = None, None
+    try:
+        result = act()
+    except UsageError as err:
+        error = str(err)
+    failures = [(rank, host, message) for rank, (host, message) in enumerate(dist.all_gather((socket.gethostname(), error))) if message]
+    if error:
+        raise UsageError(error)
+    if failures:
+        rank, host, message = failures[0]
+        raise UsageError(f"on rank {rank} (host {host}): {message}")
+    return result
 
 
 def _open_new(built: Any, *, root: Path, run_dir: Path | None, cleanup: contextlib.ExitStack, dist: Any) -> Path:
