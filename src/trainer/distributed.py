@@ -42,9 +42,10 @@ RESULT_FILE = "TRAINER_RESULT_FILE"
 class Distributed:
     """This process's place in a data-parallel job."""
 
-    rank: int
+    rank: int  # global: 0 is the one process that writes the run folder and prints
     world_size: int
-    local_rank: int
+    local_rank: int  # on this machine: picks the GPU
+    nodes: int = 1  # machines (torchrun agents) in the job
 
     @property
     def is_main(self) -> bool:
@@ -116,7 +117,8 @@ def from_environment() -> Distributed | None:
         return None
     if not 0 <= rank < world_size:
         raise UsageError(f"RANK {rank} is outside 0..{world_size - 1} (WORLD_SIZE {world_size})")
-    return Distributed(rank=rank, world_size=world_size, local_rank=local_rank)
+    nodes = os.environ.get("GROUP_WORLD_SIZE", "1")  # torchrun's number of agents; only said, never relied on
+    return Distributed(rank=rank, world_size=world_size, local_rank=local_rank, nodes=int(nodes) if nodes.isdigit() else 1)
 
 
 def rank_device(requested: str, dist: Distributed) -> str:
@@ -297,6 +299,11 @@ def _how(exitcode: int) -> str:
         except ValueError:
             return f"was killed by signal {-exitcode}"
     return f"exited with code {exitcode}"
+
+
+def started_by_nproc() -> bool:
+    """Whether `trainer run --nproc` started this process (not torchrun run by hand)."""
+    return bool(os.environ.get(RESULT_FILE))
 
 
 def record_exit_code(code: int) -> None:

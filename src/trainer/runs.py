@@ -701,8 +701,7 @@ def _record(run: ActiveRun, ended: Ended) -> dict[str, Any]:
             steps=summary["steps"], epochs=summary["epochs"], seconds=now - run.started,
         )  # fmt: skip
         if ended.status == "interrupted" and (run.folder / "checkpoints" / "last.pt").exists():
-            nproc = f" --nproc {run.built.world_size}" if run.dist is not None else ""
-            tracker.message(f"resume with: trainer resume {run.folder}{nproc}")
+            tracker.message(f"resume with: {_resume_command(run)}")
         tracker.close()
     except (OSError, TrainingFailed) as err:  # the metric files' last points, on a disk that failed under them
         ended.failed_to_write(_cannot_write_files(run, err))
@@ -711,6 +710,20 @@ def _record(run: ActiveRun, ended: Ended) -> dict[str, Any]:
     if run.dist is not None and ended.status != "failed":
         distributed.leave()  # after a failure the other ranks may be gone; torchrun ends this one
     return summary
+
+
+def _resume_command(run: ActiveRun) -> str:
+    """How to resume this run: with --nproc when trainer started its processes, else with the
+    torchrun command that started them (on several nodes: on each)."""
+    from trainer import distributed
+
+    command = f"trainer resume {run.folder}"
+    if run.dist is None:
+        return command
+    if distributed.started_by_nproc():
+        return f"{command} --nproc {run.dist.world_size}"
+    where = f"on each of its {run.dist.nodes} nodes" if run.dist.nodes > 1 else "on this machine"
+    return f"{command}, started by torchrun {where} as this run was ({run.dist.world_size} processes in all)"
 
 
 def _write_summary(run: ActiveRun, summary: dict[str, Any], ended: Ended) -> None:
