@@ -244,18 +244,28 @@ class RunResult:
 
 # a test aid: send this process SIGTERM (or the signal named after a colon) right after step K,
 # so the tests interrupt a run at an exact step through the real signal path; `K[:SIG]@R` sends
-# it in data-parallel rank R only
+# it in data-parallel rank R only; `K:wait` sends none but waits after step K until a signal
+# comes from outside (a minute at most), so a test can signal torchrun's agents before step K+1
 _STOP_AT_STEP = "TRAINER_STOP_AT_STEP"
 
 
-def _injected_stop() -> Callable[[int], None]:
+def _injected_stop(stop: StopRequests) -> Callable[[int], None]:
     """The test aid as a per-step check (read once: the loop must not consult the environment each step)."""
     spec, _, rank = os.environ.get(_STOP_AT_STEP, "").partition("@")
     at, _, name = spec.partition(":")
     if not at.isdigit() or (rank and rank != os.environ.get("RANK", "0")):
         return lambda step: None
-    target, signum = int(at), getattr(signal, name or "SIGTERM")
+    target = int(at)
+    if name == "wait":
+        return lambda step: _wait_for_signal(stop) if step == target else None
+    signum = getattr(signal, name or "SIGTERM")
     return lambda step: os.kill(os.getpid(), signum) if step == target else None
+
+
+def _wait_for_signal(stop: StopRequests) -> None:
+    deadline = time.monotonic() + 60
+    while stop.signum is None and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 class RunFolder:
@@ -598,7 +608,7 @@ def _train(run: ActiveRun) -> None:
     _report_start(run, last_step)
     check_folder = run.held.problem if run.held is not None else None
     checkpoints = run.checkpoints = Checkpoints(built, run.folder / "checkpoints", dist, check_folder=check_folder)
-    injected_stop = _injected_stop()
+    injected_stop = _injected_stop(run.stop)
 
     def agreed(signum: int | None, save: bool = False) -> tuple[int | None, bool]:
         """The signal to stop on, and whether to save, agreed by all ranks (one all-reduce)."""
