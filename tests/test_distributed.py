@@ -1,6 +1,7 @@
 """Data-parallel runs: real `trainer run --nproc 2` and real torchrun processes, gloo over loopback.
 
-Every process here talks over 127.0.0.1 only (MASTER_ADDR and GLOO_SOCKET_IFNAME=lo).
+Every process here talks over loopback only (MASTER_ADDR and GLOO_SOCKET_IFNAME=lo). Two torchrun
+agents with their own working folders and loopback addresses stand for two machines.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -22,14 +25,11 @@ from trainer.distributed import Distributed, from_environment, launch_command, r
 from trainer.distributed import _free_port as free_port  # the port --nproc gives torchrun
 from trainer.errors import UsageError
 
-LOOPBACK = {"MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
+# loopback only; one thread a process: a run's two processes share CI's two cores with the other
+# xdist worker, where more threads only wait for each other
+LOOPBACK = {"MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
-
-
-@pytest.fixture
-def env():
-    return {**os.environ, **LOOPBACK, "COLUMNS": "120"}
 
 
 def classification(model: dict, input_shape: list[int], *, size=128, batch_size=16, epochs=2, **train) -> dict:
@@ -56,14 +56,6 @@ def points(folder: Path) -> list[dict]:
     """metrics.jsonl without what depends on the clock."""
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in row.items() if k not in ("time", "samples_per_s")} for row in rows]
-
-
-def torchrun(args: list, *, cwd: Path, env: dict, port: int) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "trainer", *map(str, args),
-    ]  # fmt: skip
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_the_launch_port_is_free_and_outside_the_ephemeral_range():
@@ -125,30 +117,85 @@ def check_one_run_folder(code: int, stdout: str, stderr: str, root: Path) -> Pat
     return folder
 
 
-def test_torchrun_starts_a_two_process_run_with_one_run_folder(write_config, tmp_path, env):
-    done = torchrun(["run", write_config(classification(*MLP))], cwd=tmp_path, env=env, port=free_port())
-    folder = check_one_run_folder(done.returncode, done.stdout, done.stderr, tmp_path / "runs" / "ddp")
-    # 96 training samples in global batches of 32: 3 steps an epoch, each logged once
-    assert [p["step"] for p in points(folder) if p["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+# the run that the stopped, resumed and two-node runs below must end exactly like: 96 training
+# samples in global batches of 32, so 3 steps an epoch, 9 in all; last.pt every 2 steps
+STOPPABLE = classification(*MLP, epochs=3, checkpoint_every=2, log_every=2)
 
 
-@pytest.mark.parametrize("model", [MLP, LENET], ids=["mlp", "lenet"])
-def test_two_processes_at_batch_b_follow_one_process_at_batch_2b(model, cli, write_config, tmp_path):
-    two = cli("run", write_config(classification(*model, batch_size=16), "two"), "--nproc", "2",
-              "--runs-root", tmp_path / "two", env=LOOPBACK)  # fmt: skip
-    two_folder = check_one_run_folder(two.code, two.stdout, two.stderr, tmp_path / "two" / "ddp")
-    one = cli("run", write_config(classification(*model, batch_size=32), "one"), "--run-dir", tmp_path / "one")
-    assert one.code == 0, one.stderr
-    a, b = load(two_folder / "checkpoints" / "last.pt"), load(tmp_path / "one" / "checkpoints" / "last.pt")
-    assert a["train_state"]["step"] == b["train_state"]["step"] == 6
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory) -> Path:
+    """The folder of STOPPABLE, run uninterrupted by `trainer run --nproc 2`.
+
+    Once per test session, not per xdist worker: the first worker to get here runs it under a
+    file lock in the folder the workers share; the others wait for it and read its folder.
+    """
+    import shutil
+
+    import yaml
+    from filelock import FileLock
+
+    from conftest import trainer_executable
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the session's folder, above each worker's own
+    work, folder = shared / "ddp-reference", shared / "ddp-reference" / "run"
+    with FileLock(str(shared / "ddp-reference.lock")):
+        if not (work / "done").exists():
+            shutil.rmtree(work, ignore_errors=True)  # a failed attempt of another worker
+            work.mkdir()
+            (work / "config.yaml").write_text(yaml.safe_dump(STOPPABLE, sort_keys=False))
+            done = subprocess.run(
+                [trainer_executable(), "run", work / "config.yaml", "--nproc", "2", "--run-dir", folder],
+                cwd=work, capture_output=True, text=True, timeout=300, env={**os.environ, **LOOPBACK},
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            (work / "done").touch()
+    return folder
+
+
+def same_end(folder: Path, reference: Path) -> None:
+    """`folder`'s run ended exactly as the reference run: every parameter and optimizer tensor
+    equal bit for bit, and the same logged numbers, step for step."""
+    a, b = load(reference / "checkpoints" / "last.pt"), load(folder / "checkpoints" / "last.pt")
+    assert a["train_state"]["step"] == b["train_state"]["step"] == 9
+    assert a["model"].keys() == b["model"].keys()
+    for name, value in a["model"].items():
+        assert torch.equal(b["model"][name], value), name
+    for index, state in a["optimizer"]["state"].items():
+        assert torch.equal(b["optimizer"]["state"][index]["momentum_buffer"], state["momentum_buffer"]), index
+    assert points(folder) == points(reference)
+
+
+def follows(two: Path, one: Path, steps: int) -> None:
+    """The run in `two` (2 processes at batch b) followed the run in `one` (1 process at batch 2b)."""
+    a, b = load(two / "checkpoints" / "last.pt"), load(one / "checkpoints" / "last.pt")
+    assert a["train_state"]["step"] == b["train_state"]["step"] == steps
     for name, value in b["model"].items():
         assert torch.allclose(a["model"][name], value, rtol=0, atol=1e-5), name
     # the logged losses and validation metrics are the global ones: averaged over the ranks
-    for p, q in zip(points(two_folder), points(tmp_path / "one"), strict=True):
+    for p, q in zip(points(two), points(one), strict=True):
         assert p.keys() == q.keys() and p["step"] == q["step"]
         for key in ("loss", "accuracy"):
             if key in q:
                 assert p[key] == pytest.approx(q[key], abs=1e-5)
+
+
+def test_mlp_in_two_processes_at_batch_b_follows_one_process_at_batch_2b(cli, write_config, tmp_path, reference):
+    # the MLP in 2 processes at batch 16 is the reference run
+    config = STOPPABLE | {"data": STOPPABLE["data"] | {"batch_size": 32}}
+    one = cli("run", write_config(config), "--run-dir", tmp_path / "one", env=LOOPBACK)
+    assert one.code == 0, one.stderr
+    follows(reference, tmp_path / "one", steps=9)
+
+
+def test_lenet_in_two_processes_at_batch_b_follows_one_process_at_batch_2b(cli, write_config, tmp_path):
+    two = cli("run", write_config(classification(*LENET, batch_size=16), "two"), "--nproc", "2",
+              "--runs-root", tmp_path / "two", env=LOOPBACK)  # fmt: skip
+    two_folder = check_one_run_folder(two.code, two.stdout, two.stderr, tmp_path / "two" / "ddp")
+    one = cli("run", write_config(classification(*LENET, batch_size=32), "one"), "--run-dir", tmp_path / "one", env=LOOPBACK)
+    assert one.code == 0, one.stderr
+    follows(two_folder, tmp_path / "one", steps=6)
 
 
 def test_the_dataloader_path_shards_like_the_in_memory_path(cli, write_config, tmp_path):
@@ -165,7 +212,7 @@ def test_the_dataloader_path_shards_like_the_in_memory_path(cli, write_config, t
         }, name)  # fmt: skip
 
     two = cli("run", config(6, "two"), "--nproc", "2", "--run-dir", tmp_path / "two", env=LOOPBACK)
-    one = cli("run", config(12, "one"), "--run-dir", tmp_path / "one")
+    one = cli("run", config(12, "one"), "--run-dir", tmp_path / "one", env=LOOPBACK)
     assert two.code == 0 and one.code == 0, two.stderr + one.stderr
     a, b = load(tmp_path / "two" / "checkpoints" / "last.pt"), load(tmp_path / "one" / "checkpoints" / "last.pt")
     assert a["train_state"]["step"] == b["train_state"]["step"] == 6  # 36 training images, 3 global batches an epoch
@@ -173,14 +220,12 @@ def test_the_dataloader_path_shards_like_the_in_memory_path(cli, write_config, t
         assert torch.allclose(a["model"][name], value, rtol=0, atol=1e-5), name
 
 
-def test_stop_at_step_k_and_resume_with_two_processes_equals_the_uninterrupted_run(cli, write_config, tmp_path):
-    config = write_config(classification(*MLP, epochs=3, checkpoint_every=2, log_every=2))
-    full = cli("run", config, "--nproc", "2", "--run-dir", tmp_path / "full", env=LOOPBACK)
+def test_stop_at_step_k_and_resume_with_two_processes_equals_the_uninterrupted_run(cli, write_config, tmp_path, reference):
+    config = write_config(STOPPABLE)
     # the signal reaches rank 1 alone after step 1; the ranks agree at the next log point (every 2
     # steps here), so both stop after step 2
     cut = cli("run", config, "--nproc", "2", "--run-dir", tmp_path / "cut",
               env={**LOOPBACK, "TRAINER_STOP_AT_STEP": "1@1"})  # fmt: skip
-    assert full.code == 0, full.stderr
     assert cut.code == 143, cut.stderr
     assert "stopped by SIGTERM after step 2" in cut.stderr
     saved = tmp_path / "cut" / "checkpoints" / "last.pt"
@@ -188,7 +233,7 @@ def test_stop_at_step_k_and_resume_with_two_processes_equals_the_uninterrupted_r
 
     # another number of processes would deal out other shards: refused, and nothing changes on disk
     before = saved.read_bytes()
-    refused = cli("resume", tmp_path / "cut")
+    refused = cli("resume", tmp_path / "cut", env=LOOPBACK)
     assert refused.code == 2
     assert "written by a run in 2 processes (--nproc 2)" in refused.stderr
     assert "resume with 2 processes" in refused.stderr and "Traceback" not in refused.stderr
@@ -196,10 +241,7 @@ def test_stop_at_step_k_and_resume_with_two_processes_equals_the_uninterrupted_r
 
     resumed = cli("resume", tmp_path / "cut", "--nproc", "2", env=LOOPBACK)
     assert resumed.code == 0, resumed.stderr
-    a, b = load(tmp_path / "full" / "checkpoints" / "last.pt"), load(saved)
-    assert state_digest(a["model"]) == state_digest(b["model"])  # bit-exact
-    assert a["optimizer"]["state"][0]["momentum_buffer"].equal(b["optimizer"]["state"][0]["momentum_buffer"])
-    assert points(tmp_path / "full") == points(tmp_path / "cut")  # the same logged numbers, step for step
+    same_end(tmp_path / "cut", reference)
 
 
 BATCHNORM_PLUGIN = """
@@ -235,6 +277,113 @@ def test_a_bad_config_fails_once_before_any_process_starts(cli, write_config):
     assert result.code == 2
     assert result.stderr.count("unknown optimizer 'adamw8'") == 1
     assert time.perf_counter() - started < 30  # no torchrun, no process group to time out
+
+
+# ---------------------------------------------------------------------------------------------
+# two torchrun agents as two nodes
+
+
+def torchrun_executable() -> list[str]:
+    """torch's `torchrun` console script next to this Python (the command a user types)."""
+    found = Path(sys.executable).with_name("torchrun")
+    return [str(found)] if found.exists() else [sys.executable, "-m", "torch.distributed.run"]
+
+
+def two_nodes(tmp_path: Path, *command: Any, env: dict[str, str] | None = None) -> list[subprocess.Popen]:
+    """Start `torchrun ... COMMAND` twice, as the two nodes of one job: each agent in a working
+    folder of its own (tmp_path/node0, node1) with its own loopback address, one process each,
+    meeting at a c10d rendezvous on 127.0.0.1. Ranks follow the agents' addresses: node0 (the
+    lower, 127.0.0.1) runs global rank 0."""
+    port, job = free_port(), f"test-{uuid.uuid4().hex[:8]}"
+    agents = []
+    for n in (0, 1):
+        node = tmp_path / f"node{n}"
+        node.mkdir(parents=True, exist_ok=True)
+        launcher = [
+            *torchrun_executable(), "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", job, "--local-addr", f"127.0.0.{n + 1}",
+            *map(str, command),
+        ]  # fmt: skip
+        agents.append(subprocess.Popen(
+            launcher, cwd=node, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, **LOOPBACK, "COLUMNS": "120", **(env or {})},
+        ))  # fmt: skip
+    return agents
+
+
+def ended(agents: list[subprocess.Popen], timeout: float = 300) -> list[tuple[int, str, str]]:
+    """Each agent's exit code, stdout and stderr once both have exited. An agent still running
+    after `timeout` (a test that failed) is stopped: SIGTERM reaches its process through torchrun."""
+    try:
+        outputs = [agent.communicate(timeout=timeout) for agent in agents]
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                agent.terminate()
+                try:
+                    agent.communicate(timeout=60)
+                except subprocess.TimeoutExpired:
+                    agent.kill()
+    return [(agent.returncode, out, err) for agent, (out, err) in zip(agents, outputs)]
+
+
+def test_two_torchrun_agents_as_two_nodes_train_one_run_written_by_global_rank_0(write_config, tmp_path, reference):
+    (code0, out0, err0), (code1, out1, err1) = ended(two_nodes(tmp_path, "-m", "trainer", "run", write_config(STOPPABLE)))
+    assert code1 == 0, err1
+    # node0 holds global rank 0: it chose the run folder's name, printed and wrote it all
+    folder = check_one_run_folder(code0, out0, err0, tmp_path / "node0" / "runs" / "ddp")
+    # rank 1 was given that folder as the relative path rank 0 printed, so any file it wrote or
+    # folder it made would be under its own working folder: there is nothing, not even a runs/
+    assert out1 == "" and list((tmp_path / "node1").iterdir()) == []
+    # sharded by global rank, the two nodes trained exactly as two processes on one machine
+    same_end(folder, reference)
+
+
+def test_a_two_node_run_stopped_by_sigterm_to_both_agents_resumes_exactly(tmp_path, reference, write_config):
+    config, folder = write_config(STOPPABLE), tmp_path / "shared" / "run"  # one path that both nodes see
+    # each process waits after step 3 until a signal reaches it, so the signals land before the run ends
+    agents = two_nodes(tmp_path, "-m", "trainer", "run", config, "--run-dir", folder, env={"TRAINER_STOP_AT_STEP": "3:wait"})
+    deadline = time.monotonic() + 120
+    while not (folder / "checkpoints" / "last.pt").exists():  # step 2's
+        assert all(agent.poll() is None for agent in agents), ended(agents)
+        assert time.monotonic() < deadline, "the run saved no checkpoint in 120 s"
+        time.sleep(0.05)
+    for agent in agents:
+        agent.send_signal(signal.SIGTERM)  # as SLURM does at a job's time limit: every node's agent
+    (_, out0, err0), _ = ended(agents)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "interrupted", err0
+    assert summary["error"] == "stopped by SIGTERM after step 3"
+    assert load(folder / "checkpoints" / "last.pt")["train_state"]["step"] == 3
+    # the hint names torchrun, not --nproc: this run's processes were on two machines
+    assert f"resume with: trainer resume {folder}, started by torchrun on each of its 2 nodes" in out0
+
+    # `trainer resume` under the same torchrun command on both nodes, here as torchrun --no-python
+    # running the console script
+    from conftest import trainer_executable
+
+    for code, out, err in ended(two_nodes(tmp_path / "again", "--no-python", trainer_executable(), "resume", folder)):
+        assert code == 0, err
+    assert json.loads((folder / "summary.json").read_text())["status"] == "completed"
+    same_end(folder, reference)
+
+
+def test_bad_input_on_one_node_alone_is_told_by_rank_0_and_nothing_is_created(tmp_path, write_config, tiny):
+    # a table that node0 has and node1 has not: a data folder on each machine's own disk
+    config = write_config(tiny(data={"name": "csv", "path": "table.csv", "target": "y", "batch_size": 4}))
+    (tmp_path / "node0").mkdir()
+    (tmp_path / "node0" / "table.csv").write_text("x,y\n" + "".join(f"{i},{2 * i}\n" for i in range(16)))
+    (code0, out0, err0), (code1, _, err1) = ended(two_nodes(tmp_path, "-m", "trainer", "run", config))
+    # rank 0 could read its table, yet it tells rank 1's problem, once, as bad input (its process
+    # exits 2; torchrun reports any failed process as 1)
+    assert code0 != 0 and code1 != 0, err0
+    assert err0.count("error: on rank 1 (host ") == 1
+    assert "data.path: no such file: table.csv" in err0
+    # and node1's own log says it too: rank 0's is on another machine
+    assert err1.count("error: rank 1: data.path: no such file: table.csv") == 1
+    assert "internal error" not in err0 and "another process of the run is gone" not in err0
+    # no run folder was made on either node
+    assert out0 == "" and sorted(p.name for p in tmp_path.glob("node*/*")) == ["table.csv"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,7 +452,7 @@ def test_sigterm_to_the_launcher_stops_every_rank_after_the_same_step(write_conf
 
 
 def test_from_environment_reads_torchruns_variables(monkeypatch):
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "GROUP_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     assert from_environment() is None
     monkeypatch.setenv("WORLD_SIZE", "1")
@@ -312,6 +461,8 @@ def test_from_environment_reads_torchruns_variables(monkeypatch):
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert from_environment() == Distributed(rank=3, world_size=4, local_rank=1)
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")  # torchrun's number of nodes (agents)
+    assert from_environment() == Distributed(rank=3, world_size=4, local_rank=1, nodes=2)
     monkeypatch.setenv("RANK", "4")
     with pytest.raises(UsageError, match="RANK 4 is outside 0..3"):
         from_environment()
@@ -331,7 +482,7 @@ def test_each_process_runs_the_command_without_its_nproc():
 
 
 def test_nproc_under_torchrun_is_refused(cli, write_config):
-    result = cli("run", write_config(classification(*MLP)), "--nproc", "2", env={"WORLD_SIZE": "2", "RANK": "0"})
+    result = cli("run", write_config(classification(*MLP)), "--nproc", "2", env={**LOOPBACK, "WORLD_SIZE": "2", "RANK": "0"})
     assert result.code == 2
     assert "--nproc starts its own processes; under torchrun, leave it out" in result.stderr
 
