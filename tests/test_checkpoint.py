@@ -194,17 +194,24 @@ def test_a_folder_is_not_a_checkpoint(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # SIGKILL in the middle of checkpoint writes
 
-_WRITER = """
-import sys, torch
+# one process imports torch once and forks a writer for each kill: a process start with its torch
+# import cost ~5 s of CPU, ten times, for writes of a few milliseconds
+_WRITERS = """
+import os, sys, torch
 from pathlib import Path
 from trainer.checkpoint import atomic_save
 path = Path(sys.argv[1])
-i = int(sys.argv[2])
-print("ready", flush=True)
-while True:
-    i += 1
-    atomic_save({"i": i, "weights": torch.full((512, 1024), float(i))}, path)  # 2 MB a write
-    print(i, flush=True)
+for line in sys.stdin:  # a line: the number to count on from, in a new writer process
+    child = os.fork()
+    if child == 0:
+        i = int(line)
+        print("writer", os.getpid(), flush=True)
+        while True:
+            i += 1
+            atomic_save({"i": i, "weights": torch.full((512, 1024), float(i))}, path)  # 2 MB a write
+            print(i, flush=True)
+    os.waitpid(child, 0)  # until the test has killed it
+    print("reaped", flush=True)
 """
 
 
@@ -219,17 +226,25 @@ def test_sigkill_during_writes_leaves_the_old_or_the_new_checkpoint(tmp_path):
     atomic_save({"i": 0, "weights": torch.zeros(512, 1024)}, path)
     rng = random.Random(0)
     seen = set()
-    for kill in range(10):
-        last = load_checkpoint(path)["i"]
-        proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path), str(last * 1000)], stdout=subprocess.PIPE, text=True)
-        assert proc.stdout.readline().strip() == "ready"
-        proc.stdout.readline()  # one write done: every kill finds the file moved on, however slow the disk
-        time.sleep(rng.uniform(0.0, 0.3))  # somewhere in the middle of a later write, most of the time
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-        state = load_checkpoint(path)  # never a torn file
-        assert torch.equal(state["weights"], torch.full((512, 1024), float(state["i"])))
-        seen.add(state["i"])
+    writers = subprocess.Popen([sys.executable, "-c", _WRITERS, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        for kill in range(10):
+            last = load_checkpoint(path)["i"]
+            writers.stdin.write(f"{last * 1000}\n")
+            writers.stdin.flush()
+            started = writers.stdout.readline().split()
+            assert started[0] == "writer", started
+            writers.stdout.readline()  # one write done: every kill finds the file moved on, however slow the disk
+            time.sleep(rng.uniform(0.0, 0.3))  # somewhere in the middle of a later write, most of the time
+            os.kill(int(started[1]), signal.SIGKILL)
+            while writers.stdout.readline().strip() != "reaped":  # the writer's last lines, then its end
+                pass
+            state = load_checkpoint(path)  # never a torn file
+            assert torch.equal(state["weights"], torch.full((512, 1024), float(state["i"])))
+            seen.add(state["i"])
+    finally:
+        writers.kill()
+        writers.wait(timeout=30)
     assert len(seen) > 5  # the writer really was overwriting the file between kills
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "last.pt"]
     assert all(name.startswith(".last.pt.") and name.endswith(".tmp") for name in leftovers)
