@@ -1,5 +1,6 @@
-"""The config: pydantic models (the one place defaults live), YAML loading, `key=value` overrides
-and error reports that list every problem at once, with file line, dotted key, value and choices.
+"""The config: pydantic models (the one place defaults live), YAML loading with base configs
+(`extends`), `key=value` overrides and error reports that list every problem at once, with file and
+line, dotted key, value and choices.
 
 The config knows nothing about the loop. Component names and their keyword arguments are checked
 against the registries here, before anything is built.
@@ -7,6 +8,7 @@ against the registries here, before anything is built.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,6 +209,7 @@ class Problem:
     line: int | None = None  # 1-based line in the file
     override: str | None = None  # the KEY=VALUE item it came from
     also: tuple[str, ...] = ()  # further override items it came from (fused=true with foreach=true)
+    file: str | None = None  # the base file (`extends`) the line is in; None: the config file itself
 
     def location(self) -> str:
         parts = []
@@ -214,7 +217,9 @@ class Problem:
             items = [self.override, *self.also]
             parts.append(("overrides " if self.also else "override ") + ", ".join(f"'{item}'" for item in items))
         elif self.line is not None:
-            parts.append(f"line {self.line}")
+            parts.append(f"{self.file} line {self.line}" if self.file else f"line {self.line}")
+        elif self.file:
+            parts.append(self.file)
         if self.key:
             parts.append(self.key)
         return ", ".join(parts)
@@ -229,7 +234,8 @@ class ConfigError(UsageError):
 
     def __init__(self, source: str, problems: list[Problem]) -> None:
         self.source = source
-        self.problems = sorted(problems, key=lambda p: (p.override is not None, p.line or 0, p.key))
+        # the config file's own lines first, then each base file's, then the overrides
+        self.problems = sorted(problems, key=lambda p: (p.override is not None, p.file or "", p.line or 0, p.key))
         super().__init__(self.report(), key=self.problems[0].key if self.problems else None)
 
     def report(self) -> str:
@@ -249,10 +255,11 @@ _MERGE_TAG = "tag:yaml.org,2002:merge"  # `<<: *base`: keys after it replace the
 
 
 class _LineMap:
-    """Dotted key -> 1-based line of that key in the file; and keys the file gives twice."""
+    """Dotted key -> 1-based line of that key in the file (and the base file it is in); and keys a file gives twice."""
 
     def __init__(self) -> None:
         self.lines: dict[str, int] = {}
+        self.files: dict[str, str] = {}  # dotted key -> the base file that gave its value last; absent: the config file
         self.origin: dict[str, str] = {}  # dotted key -> override item that set it
         self.problems: list[Problem] = []  # keys given more than once in one mapping
         self._seen: set[int] = set()  # mappings already checked (an alias repeats its anchor's node)
@@ -274,6 +281,8 @@ class _LineMap:
                 self.add_node(value_node, key)
         elif isinstance(node, yaml.SequenceNode):  # mappings inside lists: only for keys given twice
             for i, item in enumerate(node.value):
+                if prefix == "extends":  # a missing base is reported on its own line
+                    self.lines[f"extends[{i}]"] = item.start_mark.line + 1
                 self.add_node(item, f"{prefix}[{i}]")
         self._open.discard(id(node))
 
@@ -307,18 +316,52 @@ class _LineMap:
     def where(self, key: str) -> tuple[int | None, str | None]:
         """The line of `key`, or of its closest parent that is in the file; or the override that set it
         or created it (`model.foo.bar=3` made `model.foo`, which the file does not have)."""
+        _, line, override = self.locate(key)
+        return line, override
+
+    def locate(self, key: str) -> tuple[str | None, int | None, str | None]:
+        """As `where`, with the base file of that line first (None: the config file itself)."""
         parts = key.split(".") if key else []
         while parts:
             dotted = ".".join(parts)
             if dotted in self.origin:
-                return None, self.origin[dotted]
+                return None, None, self.origin[dotted]
             if dotted in self.lines:
-                return self.lines[dotted], None
+                return self.files.get(dotted), self.lines[dotted], None
             created = [item for k, item in self.origin.items() if k.startswith(dotted + ".")]
             if created:
-                return None, created[0]
+                return None, None, created[0]
             parts.pop()
-        return None, None
+        return None, None, None
+
+    def stamp(self, file: str) -> None:
+        """Mark every key and problem of this map as written in the base file `file`."""
+        for key in self.lines:
+            self.files.setdefault(key, file)
+        for problem in self.problems:
+            if problem.file is None and problem.override is None:
+                problem.file = file
+
+    def take(self, key: str, other: _LineMap, *, below: bool) -> None:
+        """`key` now has its value from `other`'s file: take its line from `other`; with `below`, the
+        keys under it too, forgetting the ones this map had there (its value was replaced whole)."""
+
+        def under(k: str) -> bool:
+            return k == key or k.startswith((key + ".", key + "["))
+
+        if below:
+            for k in [k for k in self.lines if under(k)]:
+                del self.lines[k]
+                self.files.pop(k, None)
+        taken = [k for k in other.lines if under(k)] if below else [key]
+        for k in taken:
+            if k not in other.lines:
+                continue
+            self.lines[k] = other.lines[k]
+            if k in other.files:
+                self.files[k] = other.files[k]
+            else:
+                self.files.pop(k, None)
 
 
 def _parse_yaml(text: str, source: str) -> tuple[Any, _LineMap]:
@@ -432,11 +475,12 @@ MAX_CONFIG_BYTES = 4 * 2**20  # a config is a few KB; inline `tensors` data of a
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None, *, values: dict[str, Any] | None = None) -> Config:
-    """Read, override and check a config file. Raises ConfigError (every problem) or UsageError.
+    """Read (with its bases, `extends`), override and check a config file. Raises ConfigError (every
+    problem) or UsageError.
 
     `values`: dotted key -> value, set after `overrides` (a sweep's trial); a problem they cause names its key.
     """
-    data, lines = read_yaml_file(path, "config")
+    data, lines = read_config_file(path)
     data.setdefault("name", Path(path).stem)
     items = [(key, key.split("."), value) for key, value in (values or {}).items()]
     original = _copy(data)
@@ -476,6 +520,113 @@ def read_yaml_file(path: str | Path, what: str) -> tuple[dict[str, Any], _LineMa
     return data, lines
 
 
+MAX_BASE_FILES = 100  # files one config may read through `extends`: a few in practice; this stops a blow-up
+
+
+def read_config_file(path: str | Path) -> tuple[dict[str, Any], _LineMap]:
+    """A config file with its base files (`extends`) merged under it, without `extends`, and the file
+    and line that gave each key its value; ConfigError for every problem of `extends` at once."""
+    data, lines = read_yaml_file(path, "config")
+    problems: list[Problem] = []
+    data, lines = _with_bases(Path(path), str(path), data, lines, chain=[], read=[], problems=problems)
+    if problems:
+        raise ConfigError(str(path), problems)
+    return data, lines
+
+
+def _with_bases(
+    path: Path, label: str, data: dict[str, Any], lines: _LineMap, *,
+    chain: list[tuple[Path, str]], read: list[Path], problems: list[Problem],
+) -> tuple[dict[str, Any], _LineMap]:
+    """`data` (the file `path`, shown as `label`) merged over its bases, in order; `chain`: the files
+    that extend it, to find a cycle; `read`: every base file read so far."""
+    if "extends" not in data:
+        return data, lines
+    value = data.pop("extends")
+    file, line = lines.files.get("extends"), lines.lines.get("extends")
+    names = value if isinstance(value, list) else [value]
+    if not all(isinstance(name, str) and name.strip() for name in names):
+        problems.append(Problem(
+            "extends", "must be a YAML file, or a list of them, relative to this file's folder, "
+            f"such as `extends: base.yaml` or `extends: [../lenet.yaml, fast.yaml]`; got {value!r}", line, file=file,
+        ))  # fmt: skip
+        return data, lines
+    chain = [*chain, (path.resolve(), label)]
+    merged, merged_lines = {}, _LineMap()
+    for i, name in enumerate(names):
+        base_path = path.parent / name
+        base_label = os.path.normpath(os.path.join(os.path.dirname(label), name))
+        message = _base_file_problem(name, base_path, base_label, label, chain, read)
+        if message is not None:
+            problems.append(Problem("extends", message, lines.lines.get(f"extends[{i}]", line), file=file))
+            continue
+        read.append(base_path)
+        try:
+            base, base_lines = read_yaml_file(base_path, "config")
+        except ConfigError as err:  # it does not parse, or is not a mapping: its own line, in its own file
+            for problem in err.problems:
+                problem.file = problem.file or base_label
+            problems.extend(err.problems)
+            continue
+        except UsageError as err:  # a folder, a device, too large, unreadable
+            problems.append(Problem("extends", str(err), lines.lines.get(f"extends[{i}]", line), file=file))
+            continue
+        base_lines.stamp(base_label)
+        base, base_lines = _with_bases(
+            base_path, base_label, base, base_lines, chain=chain, read=read, problems=problems
+        )
+        _merge(merged, merged_lines, base, base_lines)
+        merged_lines.problems += base_lines.problems
+    _merge(merged, merged_lines, data, lines)
+    merged_lines.problems += lines.problems
+    return merged, merged_lines
+
+
+def _base_file_problem(
+    name: str, path: Path, label: str, extender: str, chain: list[tuple[Path, str]], read: list[Path]
+) -> str | None:
+    """Why the base file `name` (at `path`, shown as `label`) named in `extender` cannot be read, or None."""
+    if Path(name).suffix.lower() not in (".yaml", ".yml"):
+        return (
+            f"'{name}' is not a YAML file: `extends` names .yaml or .yml files, read with safe_load, and never "
+            "imports code (your own models and datasets come from --plugins)"
+        )
+    resolved = path.resolve()
+    for start, (ancestor, _) in enumerate(chain):
+        if ancestor == resolved:
+            cycle = " -> ".join([shown for _, shown in chain[start:]] + [chain[start][1]])
+            return f"'{name}' makes a cycle: {cycle}; a config cannot extend itself, directly or through its bases"
+    if not path.exists():
+        folder = path.parent
+        others = [p.name for p in folder.glob("*.y*ml")] if folder.is_dir() else []
+        guess = close_match(Path(name).name, others)
+        hint = f"did you mean '{os.path.join(os.path.dirname(name), guess)}'? " if guess else ""
+        return f"base file '{label}' does not exist; {hint}the path is relative to the folder of {extender}"
+    if len(read) >= MAX_BASE_FILES:
+        return f"more than {MAX_BASE_FILES} base files through `extends`; a config extends a few"
+    return None
+
+
+def _merge(data: dict[str, Any], lines: _LineMap, over: dict[str, Any], over_lines: _LineMap, prefix: str = "") -> None:
+    """Merge `over` into `data` (in place) and the lines of its keys into `lines`: a mapping merges key
+    by key, anything else (a list, a scalar, null) replaces. A component section that names another
+    component (`optimizer: {name: adam}` over sgd) replaces whole: the base's arguments were for sgd()."""
+    for key, value in over.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        old = data.get(key)
+        if isinstance(old, dict) and isinstance(value, dict) and not _other_component(dotted, old, value):
+            _merge(old, lines, value, over_lines, dotted)
+            lines.take(dotted, over_lines, below=False)
+        else:
+            data[key] = value
+            lines.take(dotted, over_lines, below=True)
+
+
+def _other_component(dotted: str, old: dict[str, Any], new: dict[str, Any]) -> bool:
+    names = old.get("name"), new.get("name")
+    return dotted in _SECTION_OWN_KEYS and all(isinstance(n, str) for n in names) and names[0] != names[1]
+
+
 def config_from_dict(
     data: dict[str, Any], *, source: str = "config", overrides: list[str] | None = None, lines: _LineMap | None = None,
     original: dict[str, Any] | None = None, problems: list[Problem] | None = None,
@@ -491,7 +642,7 @@ def config_from_dict(
     problems += _component_problems(data, origin=lines.origin, original=original)
     for problem in problems:
         if problem.override is None and problem.line is None:
-            problem.line, problem.override = lines.where(problem.key)
+            problem.file, problem.line, problem.override = lines.locate(problem.key)
     if problems:
         raise ConfigError(source, _dedupe(problems))
     return Config.model_validate(data)
