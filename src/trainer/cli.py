@@ -476,6 +476,46 @@ def sweep(
     _guarded(action)
 
 
+@app.command()
+def export(
+    target: Path = typer.Argument(..., help="A run folder or a checkpoint file", show_default=False),
+    fmt: Optional[str] = typer.Option(None, "--format", help="pt2 (torch.export, the default), onnx (needs trainer[export]) or safetensors (the weights and config.yaml)"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="The file to write (default: <run>/export/model.<format>)"),
+    best: bool = typer.Option(False, "--best", help="Use the run folder's best.pt (the default when it exists)"),
+    last: bool = typer.Option(False, "--last", help="Use the run folder's last.pt"),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output; go on with a plugin file that changed since the run"),
+    plugins: Optional[str] = PluginsOpt,
+) -> None:
+    """Export a trained model as a file other programs load, checked against the model first; prints its path."""
+
+    def action() -> None:
+        from trainer.errors import UsageError
+        from trainer.export import FORMATS, ExportMismatch, export_run
+
+        if best and last:
+            raise UsageError("--best and --last exclude each other")
+        _plugins(plugins, target if target.exists() else None, force)
+        try:
+            done = export_run(target, fmt=fmt, output=output, which="best" if best else "last" if last else None, force=force)
+        except ExportMismatch as err:  # the input was fine; the exporter's result is wrong
+            _fail(str(err), EXIT_FAILED)
+        shape = ", ".join(["batch", *map(str, done.input_shape)])
+        step = f" (step {done.step})" if done.step is not None else ""
+        for line in (
+            f"exported model {done.model} from {done.checkpoint}{step}",
+            f"  format  {done.format}: {FORMATS[done.format]}",
+            f"  input   ({shape}) {done.dtype}; the batch dimension is dynamic",
+            f"  checked on {done.samples} samples of the {done.split} split: max abs difference "
+            f"{done.max_abs_diff:.3g} (limit {done.limit:.3g})",
+            *(f"  beside  {path}" for path in done.extra),
+            f"  took    {done.seconds:.1f} s",
+        ):
+            err_console.print(line, markup=False)
+        say(str(done.path))
+
+    _guarded(action)
+
+
 def main() -> None:  # pragma: no cover - `python -m trainer`
     app()
 
