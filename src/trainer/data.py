@@ -51,6 +51,8 @@ class DataInfo:
     num_classes: int | None  # classification only
     train_size: int
     val_size: int  # 0 when there is no validation split
+    # how new inputs become samples like these (checkpoints keep it for `trainer predict`): see `preprocessing`
+    preprocess: dict[str, Any] | None = None
 
 
 @dataclass
@@ -59,12 +61,16 @@ class Splits:
 
     `val=None` means the data has no validation split of its own: `build_data` splits off
     `val_fraction` of the train split. `num_classes` is set when the factory knows it (a split
-    may not contain every class).
+    may not contain every class). `preprocess` says how a new input (a CSV row, an image file)
+    becomes a sample like these, for `trainer predict`: a dict with a `kind` ("table" or
+    "image") and what that kind needs (see `table_inputs`, `image_input`); None when the data
+    are made, not read (predict then takes only the run's own splits).
     """
 
     train: Data
     val: Data | None
     num_classes: int | None = None
+    preprocess: dict[str, Any] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,6 +372,7 @@ def build_data(
         val = None
 
     info = _data_info(train, val, splits.num_classes)
+    info.preprocess = preprocessing(name, info, splits.preprocess)
     train_batches = _batches(train, batch_size, shuffle, seed)
     val_batches = _batches(val, batch_size, False, seed) if val is not None else None
     return train_batches, val_batches, info
@@ -380,6 +387,20 @@ def describe_data(info: DataInfo) -> str:
     if info.task == "classification":
         return f"{sizes}, input {info.input_shape}, {info.num_classes} classes"
     return f"{sizes}, input {info.input_shape}, target {info.target_shape}"
+
+
+def preprocessing(name: str, info: DataInfo, given: dict[str, Any] | None) -> dict[str, Any]:
+    """What a checkpoint keeps so `trainer predict` needs no training data: the factory's recipe
+    (`given`, else kind "none"), the dataset's name and the shapes, task and class count of its samples."""
+    return {
+        "kind": "none",
+        **(given or {}),
+        "dataset": name,
+        "input_shape": list(info.input_shape),
+        "target_shape": list(info.target_shape),
+        "task": info.task,
+        "num_classes": info.num_classes,
+    }
 
 
 def _length(data: Data) -> int:
@@ -496,8 +517,10 @@ def digits(image_size: int | None = None) -> Splits:
     with importlib.resources.files("trainer").joinpath("assets/digits.npz").open("rb") as f, np.load(f) as npz:
         images, labels = npz["images"], npz["labels"]
     x = torch.from_numpy(images).float().div_(16).unsqueeze(1)  # pixel counts 0..16 -> [0, 1]
-    x = _resize(x, 8 if image_size is None else image_size)
-    return Splits(train=(x, torch.from_numpy(labels).long()), val=None, num_classes=10)
+    size = 8 if image_size is None else image_size
+    x = _resize(x, size)
+    recipe = _grayscale_recipe(native_size=8, image_size=size, classes=[str(d) for d in range(10)])
+    return Splits(train=(x, torch.from_numpy(labels).long()), val=None, num_classes=10, preprocess=recipe)
 
 
 @DATASETS.register("mnist")
@@ -549,7 +572,13 @@ def _torchvision_mnist(class_name: str, root: str, download: bool, image_size: i
         x = split.data.float().div_(255).unsqueeze(1)  # uint8 (N, 28, 28) -> float (N, 1, 28, 28)
         return _resize(x, size), split.targets.long()
 
-    return Splits(train=to_tensors(train), val=to_tensors(test), num_classes=len(train.classes))
+    recipe = _grayscale_recipe(native_size=28, image_size=size, classes=list(train.classes))
+    return Splits(train=to_tensors(train), val=to_tensors(test), num_classes=len(train.classes), preprocess=recipe)
+
+
+def _grayscale_recipe(*, native_size: int, image_size: int, classes: list[str]) -> dict[str, Any]:
+    """How an image file becomes a sample of an in-memory grayscale dataset (digits, MNIST): see `image_input`."""
+    return {"kind": "image", "resize": "tensor", "native_size": native_size, "image_size": image_size, "channels": 1, "classes": classes}
 
 
 def _gunzip_missing(folder: Path, names: list[str]) -> None:
@@ -590,7 +619,7 @@ def csv(
         [[_number(row[j], path, name, line) for j, name in features] for line, row in rows], dtype=torch.float32
     )
     values = [row[t] for _, row in rows]
-    num_classes = None
+    num_classes = classes = None
     if task == "classification":
         for line, row in rows:  # an empty or NaN label would silently become a class of its own
             _missing(row[t], path, target, line)
@@ -602,15 +631,29 @@ def csv(
         y = torch.tensor([[_number(row[t], path, target, line)] for line, row in rows], dtype=torch.float32)
 
     train_idx, val_idx = split_indices(len(x), val_fraction, seed)
+    mean = std = None
     if standardize:
         # train statistics only: the val split must not leak into the features the model trains on
         mean, std = x[train_idx].mean(0), x[train_idx].std(0, correction=0)
-        x = (x - mean) / torch.where(std > 0, std, torch.ones_like(std))
-    return Splits(train=(x[train_idx], y[train_idx]), val=(x[val_idx], y[val_idx]), num_classes=num_classes)
+        std = torch.where(std > 0, std, torch.ones_like(std))  # a constant column is only centred
+        x = standardized(x, mean, std)
+    recipe = {
+        "kind": "table", "features": [name for _, name in features], "target": target,
+        "mean": mean, "std": std,  # float32 tensors: predict repeats the arithmetic bit for bit
+        "classes": classes,  # the label texts, in class-index order
+    }  # fmt: skip
+    return Splits(
+        train=(x[train_idx], y[train_idx]), val=(x[val_idx], y[val_idx]), num_classes=num_classes, preprocess=recipe
+    )
 
 
-def _read_csv(path: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
-    """The header and the non-blank rows (with their line numbers) of a CSV file."""
+def standardized(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """(x - mean) / std: the csv dataset's standardization (std has no zeros: see `csv`)."""
+    return (x - mean) / std
+
+
+def _read_csv(path: str, key: str | None = "data.path") -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The header and the non-blank rows (with their line numbers) of a CSV file; errors name `key`."""
     try:
         # utf-8-sig: Excel's "CSV UTF-8" starts the file with a byte-order mark, which would
         # otherwise stick to the first column's name
@@ -619,59 +662,57 @@ def _read_csv(path: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
             header = [name.strip() for name in next(reader, [])]
             rows = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
     except FileNotFoundError:
-        raise DataError(f"no such file: {path}", key="data.path") from None
+        raise DataError(f"no such file: {path}", key=key) from None
     except UnicodeDecodeError as err:
         byte = err.object[err.start : err.start + 1].hex()
         raise DataError(
             f"cannot read {path}: it is not UTF-8 text (it has byte 0x{byte}); save it as UTF-8 (Excel: 'CSV UTF-8')",
-            key="data.path",
+            key=key,
         ) from None
     except (OSError, csv_module.Error) as err:
-        raise DataError(f"cannot read {path}: {err}", key="data.path") from None
+        raise DataError(f"cannot read {path}: {err}", key=key) from None
     if not header:
-        raise DataError(f"{path} is empty; it needs a header row naming the columns", key="data.path")
+        raise DataError(f"{path} is empty; it needs a header row naming the columns", key=key)
     if not rows:
-        raise DataError(f"{path} has a header but no rows", key="data.path")
+        raise DataError(f"{path} has a header but no rows", key=key)
     for line, row in rows:
         if len(row) != len(header):
-            raise DataError(
-                f"{path} line {line} has {len(row)} fields but the header has {len(header)}", key="data.path"
-            )
+            raise DataError(f"{path} line {line} has {len(row)} fields but the header has {len(header)}", key=key)
     return header, rows
 
 
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
-def _cell_error(path: str, column: str, line: int, problem: str) -> DataError:
-    return DataError(f"{path} line {line}, column '{column}': {problem}", key="data.path")
+def _cell_error(path: str, column: str, line: int, problem: str, key: str | None) -> DataError:
+    return DataError(f"{path} line {line}, column '{column}': {problem}", key=key)
 
 
-def _missing(text: str, path: str, column: str, line: int) -> None:
+def _missing(text: str, path: str, column: str, line: int, key: str | None = "data.path") -> None:
     """Refuse an empty cell, or one float() reads as NaN ('nan', 'NaN', ...): a missing value."""
     if not text.strip():
-        raise _cell_error(path, column, line, "the cell is empty; fill in or drop the missing values")
+        raise _cell_error(path, column, line, "the cell is empty; fill in or drop the missing values", key)
     try:
         missing = math.isnan(float(text))
     except ValueError:
         return
     if missing:
-        raise _cell_error(path, column, line, f"{text!r} is not a finite number; fill in or drop the missing values")
+        raise _cell_error(path, column, line, f"{text!r} is not a finite number; fill in or drop the missing values", key)
 
 
-def _number(text: str, path: str, column: str, line: int) -> float:
+def _number(text: str, path: str, column: str, line: int, key: str | None = "data.path") -> float:
     """The cell as a number that float32 holds: empty, NaN, infinite and out-of-range cells are refused,
     since they would only surface later as a non-finite training loss."""
-    _missing(text, path, column, line)
+    _missing(text, path, column, line, key)
     try:
         value = float(text)
     except ValueError:
-        raise _cell_error(path, column, line, f"expected a number, got {text!r}") from None
+        raise _cell_error(path, column, line, f"expected a number, got {text!r}", key) from None
     if math.isinf(value) and "inf" in text.lower():
-        raise _cell_error(path, column, line, f"{text!r} is not a finite number; replace or drop the infinite values")
+        raise _cell_error(path, column, line, f"{text!r} is not a finite number; replace or drop the infinite values", key)
     if abs(value) > _FLOAT32_MAX:
         raise _cell_error(
-            path, column, line, f"{text!r} is too large: data is float32, which holds at most {_FLOAT32_MAX:.4g}"
+            path, column, line, f"{text!r} is too large: data is float32, which holds at most {_FLOAT32_MAX:.4g}", key
         )
     return value
 
@@ -684,6 +725,62 @@ def _label_sort_key(values: list[str]) -> Any:
     except ValueError:
         return str
     return float
+
+
+@dataclass
+class TableInputs:
+    """The rows of a CSV file as a run's inputs (see `table_inputs`)."""
+
+    x: Tensor  # (rows, features), in the run's column order, standardized as in training
+    y: Tensor | None  # the targets, when the file has a usable target column
+    ignored: list[str]  # columns the run does not use
+    note: str | None  # why a target column that is there gives no targets
+
+
+def table_inputs(path: str, recipe: dict[str, Any]) -> TableInputs:
+    """The rows of CSV file `path` as the run that `recipe` (the csv dataset's preprocess) describes
+    saw its rows: its feature columns found by name in any order, standardized with the training
+    split's statistics; the target column, when there, mapped to the training labels' indices.
+    Other columns are ignored. Errors name the file (no config key: the file is not the config's)."""
+    header, rows = _read_csv(path, key=None)
+    features, target = recipe["features"], recipe["target"]
+    missing = [name for name in features if name not in header]
+    if missing:
+        raise DataError(
+            f"{path} has no column {', '.join(map(repr, missing))}; the run needs the feature columns "
+            f"{', '.join(features)} (in any order; its target column '{target}' may be there or not)",
+            key=None,
+        )
+    twice = sorted({name for name in header if header.count(name) > 1 and (name in features or name == target)})
+    if twice:
+        raise DataError(f"{path} has column {', '.join(map(repr, twice))} more than once; keep one of each", key=None)
+    columns = [header.index(name) for name in features]
+    x = torch.tensor(
+        [[_number(row[j], path, header[j], line, key=None) for j in columns] for line, row in rows], dtype=torch.float32
+    )
+    if recipe.get("mean") is not None:
+        x = standardized(x, recipe["mean"], recipe["std"])
+    y, note = _table_targets(path, rows, header.index(target), recipe) if target in header else (None, None)
+    ignored = [name for name in header if name not in features and name != target]
+    return TableInputs(x, y, ignored, note)
+
+
+def _table_targets(path: str, rows: list[tuple[int, list[str]]], t: int, recipe: dict[str, Any]) -> tuple[Tensor | None, str | None]:
+    """The target column as the training targets were made, or None and why not (an unknown label,
+    an empty cell): the predictions stand without it."""
+    target, classes = recipe["target"], recipe.get("classes")
+    if classes is None:
+        try:
+            values = [[_number(row[t], path, target, line, key=None)] for line, row in rows]
+        except DataError as err:
+            return None, str(err)
+        return torch.tensor(values, dtype=torch.float32), None
+    index = {label: i for i, label in enumerate(classes)}
+    for line, row in rows:
+        if row[t] not in index:
+            known = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
+            return None, f"{path} line {line}, column '{target}': {row[t]!r} is not one of the run's classes ({known})"
+    return torch.tensor([index[row[t]] for _, row in rows], dtype=torch.int64), None
 
 
 class ImageReadError(DataError):
@@ -725,14 +822,13 @@ def _load_image(path: str) -> Any:
 def image_folder(root: str, image_size: int | None = None, grayscale: bool | None = None) -> Splits:
     """Images on disk, one sub-folder per class (torchvision ImageFolder), resized to image_size."""
     import torchvision.datasets
-    import torchvision.transforms as T
 
     if not Path(root).expanduser().is_dir():
         raise DataError(f"no such folder: {root}", key="data.root")
     size = 32 if image_size is None else image_size
     if size < 1:
         raise DataError(f"must be at least 1, got {size}", key="data.image_size")
-    transform = T.Compose([T.Resize((size, size))] + ([T.Grayscale(1)] if grayscale else []) + [T.ToTensor()])
+    transform = image_transform(size, bool(grayscale))
     try:
         dataset = torchvision.datasets.ImageFolder(os.path.expanduser(root), transform=transform, loader=_load_image)
     except FileNotFoundError as err:  # no class folders, or class folders without images
@@ -741,7 +837,41 @@ def image_folder(root: str, image_size: int | None = None, grayscale: bool | Non
             f"(.png, .jpg, ...) in it ({err})",
             key="data.root",
         ) from None
-    return Splits(train=dataset, val=None, num_classes=len(dataset.classes))
+    recipe = {"kind": "image", "resize": "pil", "image_size": size, "channels": 1 if grayscale else 3, "classes": list(dataset.classes)}
+    return Splits(train=dataset, val=None, num_classes=len(dataset.classes), preprocess=recipe)
+
+
+def image_transform(size: int, grayscale: bool) -> Any:
+    """image_folder's transform of a loaded RGB image: resized to size x size, to gray if asked, to [0, 1]."""
+    import torchvision.transforms as T
+
+    return T.Compose([T.Resize((size, size))] + ([T.Grayscale(1)] if grayscale else []) + [T.ToTensor()])
+
+
+def image_input(path: str, recipe: dict[str, Any]) -> Tensor:
+    """Image file `path` as a sample of the data an image `recipe` (a dataset's preprocess) describes,
+    (C, H, W) in [0, 1]:
+
+    - image_folder (`resize: pil`): its own transform (`image_transform`);
+    - digits, MNIST (`resize: tensor`): made gray, resized to the dataset's own size if it is another
+      (8x8 digits, 28x28 MNIST; bilinear), scaled to [0, 1], then resized as the dataset resizes its images.
+
+    An unreadable file is a DataError naming it.
+    """
+    try:
+        image = _load_image(path)
+    except ImageReadError as err:
+        raise DataError(err.message, key=None) from None
+    if recipe["resize"] == "pil":
+        return image_transform(recipe["image_size"], recipe["channels"] == 1)(image)
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+
+    image = image.convert("L")  # an RGB image of a gray one gives back its exact values
+    native = recipe["native_size"]
+    if image.size != (native, native):
+        image = image.resize((native, native), Image.Resampling.BILINEAR)
+    return _resize(TF.to_tensor(image).unsqueeze(0), recipe["image_size"])[0]
 
 
 def _check_positive(**values: int) -> None:
