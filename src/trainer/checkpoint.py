@@ -24,6 +24,8 @@ import torch
 from trainer.errors import TrainingFailed, UsageError, first_line
 
 CHECKPOINT_FORMAT = 3  # bumped when the layout of the dict changes (3: no history; the pending losses as one sum)
+# not bumped for `preprocess` (what predict needs of the data): a key added that every reader may
+# ignore; a file without it (formats 1-3 of before) is still read, and predict rebuilds it from the data
 READABLE_FORMATS = (1, 2, 3)  # what this version loads: an older trainer refuses a newer file by its number
 
 
@@ -276,6 +278,8 @@ def training_state(
         },
         "rng": rng if rng is not None else rng_state(),
         "config": config if config is not None else built.config.model_dump(mode="json"),
+        # how new inputs become samples like the data's (trainer.data.preprocessing): predict needs no training data
+        "preprocess": getattr(getattr(built, "info", None), "preprocess", None),
         "versions": {"trainer": __version__, "torch": str(torch.__version__)},
     }
     if running_by_rank is not None:
