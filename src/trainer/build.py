@@ -131,12 +131,20 @@ def _build_model(config: Config, resolved: Config, info: DataInfo, device: torch
     """The model with the sizes the data determines (filled into `resolved`), on `device`."""
     for key, value in infer_model_kwargs(config.model.name, config.model.kwargs, info).items():
         setattr(resolved.model, key, value)
-    model = _component("model", config.model.name, lambda: MODELS.build(config.model.name, **resolved.model.kwargs))
+    return build_model(resolved, device)
+
+
+def build_model(resolved: Config, device: torch.device, *, compile: bool = True) -> nn.Module:
+    """The model of a resolved config (its sizes filled in, as config.yaml and checkpoints hold it) on
+    `device`, channels-last if the config says so, and compiled if it says so and `compile`. Builds
+    no data: `trainer predict` makes a checkpoint's model with it when the training data are gone."""
+    name = resolved.model.name
+    model = _component("model", name, lambda: MODELS.build(name, **resolved.model.kwargs))
     model = model.to(device)
-    if config.train.channels_last:
+    if resolved.train.channels_last:
         model = model.to(memory_format=torch.channels_last)  # 4-D weights only (convolutions)
-    if config.train.compile is not False:
-        compile_model(model, config.train.compile)  # in place, compiled on the first call: the one-batch check
+    if compile and resolved.train.compile is not False:
+        compile_model(model, resolved.train.compile)  # in place, compiled on the first call: the one-batch check
     return model
 
 
