@@ -516,6 +516,41 @@ def export(
     _guarded(action)
 
 
+@app.command()
+def predict(
+    target: Path = typer.Argument(..., help="A run folder or a checkpoint file", show_default=False),
+    inputs: Optional[str] = typer.Argument(
+        None, help="A CSV file with the run's feature columns, an image file, a folder of images or a quoted glob ('imgs/*.png')", show_default=False
+    ),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the predictions to this file (default: stdout), whole or not at all"),
+    fmt: Optional[str] = typer.Option(None, "--format", help="csv (the default) or jsonl (the default for an --output ending in .jsonl)"),
+    split: Optional[str] = typer.Option(None, "--split", help="Predict on the run's own data instead of INPUT: val (or test) or train"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Inputs per forward pass (default: the run's data.batch_size)"),
+    best: bool = typer.Option(False, "--best", help="Use the run folder's best.pt (the default when it exists)"),
+    last: bool = typer.Option(False, "--last", help="Use the run folder's last.pt"),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N, mps"),
+    plugins: Optional[str] = PluginsOpt,
+    force: bool = typer.Option(False, "--force", help="Go on with a plugin file that changed since the run"),
+) -> None:
+    """Predict with a saved model on new CSV rows or images, preprocessed as its training data were."""
+
+    def action() -> None:
+        from trainer.errors import UsageError
+        from trainer.predict import describe, predict
+
+        if best and last:
+            raise UsageError("--best and --last exclude each other")
+        _plugins(plugins, target if target.exists() else None, force)
+        result = predict(
+            target, inputs, split=split, which="best" if best else "last" if last else None, device=device,
+            batch_size=batch_size, output=output, fmt=fmt, stream=sys.stdout,
+        )  # fmt: skip
+        for line in describe(result, output):
+            err_console.print(line, markup=False)
+
+    _guarded(action)
+
+
 def main() -> None:  # pragma: no cover - `python -m trainer`
     app()
 
