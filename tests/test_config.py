@@ -407,3 +407,161 @@ def test_a_config_that_is_not_a_regular_file_or_is_too_large_is_refused(tmp_path
     big.write_text("name: big\n" + "#" * MAX_CONFIG_BYTES)
     with pytest.raises(UsageError, match="larger than 4 MB"):
         load_config(big)
+
+
+# ---------------------------------------------------------------------------------------------
+# base configs: extends
+
+BASE = """\
+name: base
+seed: 1
+model: {name: mlp, hidden: [8, 8]}
+data: {name: random, size: 32, input_shape: [4], target_shape: [2], batch_size: 16}
+loss: {name: mse}
+optimizer: {name: sgd, lr: 0.05, momentum: 0.9}
+train:
+  epochs: 3
+  log_every: 5
+"""
+
+
+def test_extends_merges_mappings_key_by_key_and_replaces_lists_and_scalars(tmp_path):
+    write(tmp_path, BASE, "base.yaml")
+    child = write(tmp_path, "extends: base.yaml\nname: child\nmodel: {hidden: [3]}\noptimizer: {lr: 0.1}\ntrain: {epochs: 2}\n")
+    config = load_config(child)
+    assert config.name == "child" and config.seed == 1
+    assert config.model.kwargs == {"hidden": [3]}  # the list replaced, not appended to
+    assert config.optimizer.kwargs == {"lr": 0.1, "momentum": 0.9}
+    assert (config.train.epochs, config.train.log_every) == (2, 5)
+    assert list(config.data.kwargs["input_shape"]) == [4] and config.data.batch_size == 16
+
+
+def test_several_bases_apply_in_order_then_the_file_then_overrides_and_sweep_values(tmp_path):
+    write(tmp_path, BASE, "base.yaml")
+    write(tmp_path, "seed: 2\noptimizer: {lr: 0.2}\ntrain: {epochs: 4}\n", "fast.yaml")
+    write(tmp_path, "seed: 3\ntrain: {epochs: 5, log_every: 1}\n", "long.yaml")
+    child = write(tmp_path, "extends: [base.yaml, fast.yaml, long.yaml]\nname: child\ntrain: {log_every: 2}\n")
+    config = load_config(child)
+    assert (config.seed, config.optimizer.kwargs["lr"], config.train.epochs, config.train.log_every) == (3, 0.2, 5, 2)
+    config = load_config(child, ["seed=7", "train.log_every=9"], values={"optimizer.lr": 0.3})
+    assert (config.seed, config.optimizer.kwargs["lr"], config.train.epochs, config.train.log_every) == (7, 0.3, 5, 9)
+
+
+def test_a_base_can_extend_a_base_each_path_relative_to_its_own_file(tmp_path):
+    write(tmp_path, BASE, "base.yaml")
+    (tmp_path / "mid").mkdir()
+    (tmp_path / "mid" / "mid.yaml").write_text("extends: ../base.yaml\noptimizer: {lr: 0.01}\n")
+    (tmp_path / "deep").mkdir()
+    child = write(tmp_path / "deep", "extends: ../mid/mid.yaml\ntrain: {epochs: 1}\n", "child.yaml")
+    config = load_config(child)
+    assert config.name == "base"  # a name from a base is kept, as any key: a variant gives its own
+    assert (config.optimizer.kwargs, config.train.epochs, config.train.log_every) == ({"lr": 0.01, "momentum": 0.9}, 1, 5)
+
+
+def test_a_section_naming_another_component_replaces_the_base_section_and_null_replaces_too(tmp_path):
+    write(tmp_path, BASE + "scheduler: {name: step, step_size: 2}\n", "base.yaml")
+    child = write(tmp_path, "extends: base.yaml\noptimizer: {name: adam, lr: 0.001}\nscheduler: null\n")
+    config = load_config(child)
+    assert config.optimizer.name == "adam" and config.optimizer.kwargs == {"lr": 0.001}  # no sgd momentum left
+    assert config.scheduler is None
+    # a problem in the replacing section is on the file's line; the base's keys there are gone
+    child.write_text("extends: base.yaml\noptimizer: {name: adam, lr: -1}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(child)
+    assert [str(p).split(": adam()")[0] for p in caught.value.problems] == ["line 2, optimizer.lr"]
+
+
+def test_a_problem_from_a_base_names_the_base_file_and_its_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bases").mkdir()
+    base = BASE.replace("lr: 0.05", "lr: -1").replace("  epochs: 3\n", "  epochs: 3\n  epoch: 3\n") + "seed: 5\n"
+    write(tmp_path / "bases", base, "base.yaml")
+    write(tmp_path, "extends: bases/base.yaml\nname: child\nmodel: {hidden: 0.5}\n", "child.yaml")
+    with pytest.raises(ConfigError) as caught:
+        load_config("child.yaml")
+    assert caught.value.source == "child.yaml"
+    assert [p.location() for p in caught.value.problems] == [
+        "line 3, model.hidden",  # the file's own lines keep their format
+        "bases/base.yaml line 6, optimizer.lr",
+        "bases/base.yaml line 9, train.epoch",
+        "bases/base.yaml line 11, seed",
+    ]
+    assert str(caught.value.problems[-1]) == "bases/base.yaml line 11, seed: given twice (first on line 2); keep one"
+    # overriding the bad value in the file fixes it; an override still names itself
+    write(tmp_path, "extends: bases/base.yaml\noptimizer: {lr: 0.1}\ntrain: {epochs: 3}\n", "child.yaml")
+    with pytest.raises(ConfigError) as caught:
+        load_config("child.yaml", ["optimizer.lr=-2"])
+    assert [p.location() for p in caught.value.problems] == [
+        "bases/base.yaml line 9, train.epoch",  # the file gives train, not train.epoch: still the base's line
+        "bases/base.yaml line 11, seed",
+        "override 'optimizer.lr=-2', optimizer.lr",
+    ]
+
+
+def test_a_cycle_of_extends_is_an_error_naming_the_cycle(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, BASE, "base.yaml")
+    write(tmp_path, "extends: b.yaml\nname: a\n", "a.yaml")
+    write(tmp_path, "name: b\nextends:\n  - base.yaml\n  - a.yaml\n", "b.yaml")
+    write(tmp_path, "extends: self.yaml\n", "self.yaml")
+    with pytest.raises(ConfigError) as caught:
+        load_config("a.yaml")
+    assert [str(p) for p in caught.value.problems] == [
+        "b.yaml line 4, extends: 'a.yaml' makes a cycle: a.yaml -> b.yaml -> a.yaml; "
+        "a config cannot extend itself, directly or through its bases"
+    ]
+    with pytest.raises(ConfigError, match=r"line 1, extends: 'self.yaml' makes a cycle: self.yaml -> self.yaml;"):
+        load_config("self.yaml")
+
+
+def test_a_missing_base_is_named_with_the_line_that_names_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, BASE, "base.yaml")
+    write(tmp_path, "name: child\nextends:\n  - base.yaml\n  - bsae.yaml\n  - nothing/like/it.yaml\n", "child.yaml")
+    with pytest.raises(ConfigError) as caught:
+        load_config("child.yaml")
+    assert [str(p) for p in caught.value.problems] == [
+        "line 4, extends: base file 'bsae.yaml' does not exist; did you mean 'base.yaml'? "
+        "the path is relative to the folder of child.yaml",
+        "line 5, extends: base file 'nothing/like/it.yaml' does not exist; the path is relative to the folder of child.yaml",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("3", "must be a YAML file, or a list of them, relative to this file's folder, such as `extends: base.yaml`"),
+        ("[base.yaml, 3]", "must be a YAML file, or a list of them"),
+        ("{path: base.yaml}", "must be a YAML file, or a list of them"),
+        ("", "must be a YAML file, or a list of them"),
+        ("trainer.models", "'trainer.models' is not a YAML file: `extends` names .yaml or .yml files, read with safe_load"),
+        ("evil.py", "'evil.py' is not a YAML file"),
+    ],
+)
+def test_a_bad_extends_value_is_refused_with_its_line(tmp_path, value, expected):
+    write(tmp_path, BASE, "base.yaml")
+    (tmp_path / "evil.py").write_text("raise SystemExit('imported')\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, f"name: child\nextends: {value}\n"))
+    assert len(caught.value.problems) == 1 and str(caught.value.problems[0]).startswith(f"line 2, extends: {expected}")
+
+
+def test_a_base_is_read_with_safe_load_only(tmp_path):
+    write(tmp_path, "seed: !!python/object/apply:os.system ['touch pwned']\n", "base.yaml")
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, "extends: base.yaml\n"))
+    assert str(caught.value.problems[0]).startswith(f"{tmp_path / 'base.yaml'} line 1: the YAML tag ")
+    assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()
+
+
+def test_show_config_prints_the_merged_config_without_extends(cli, tmp_path):
+    (tmp_path / "lenet_fast.yaml").write_text(
+        f"extends: {CONFIGS / 'lenet.yaml'}\nname: lenet-fast\noptimizer: {{lr: 0.01}}\ntrain: {{epochs: 2}}\n"
+    )
+    result = cli("show-config", "lenet_fast.yaml")
+    assert result.code == 0, result.output
+    shown = yaml.safe_load(result.stdout)
+    assert "extends" not in shown and shown["name"] == "lenet-fast"
+    assert shown["optimizer"] == {"name": "sgd", "lr": 0.01, "momentum": 0.9}
+    assert shown["data"]["name"] == "digits" and shown["train"]["epochs"] == 2 and shown["train"]["log_every"] == 10
+    assert shown["scheduler"]["name"] == "cosine" and shown["scheduler"]["T_max"] == 2  # filled from the merged epochs
