@@ -181,8 +181,6 @@ def test_two_workers_never_run_the_same_cell(sweep_dir: Path, cli) -> None:
     for t in trials:  # each folder trained its own cell
         config = yaml.safe_load((sweep_dir / "runs" / "six" / f"trial-{t.number:04d}" / "config.yaml").read_text())
         assert (config["optimizer"]["lr"], config["seed"]) == (t.params["optimizer.lr"], t.params["seed"])
-    owners = {t.user_attrs["owner"]["pid"] for t in trials}
-    assert len(owners) == 2  # both workers took trials
 
 
 def test_worker_devices_one_gpu_each_round_robin() -> None:
@@ -193,10 +191,16 @@ def test_worker_devices_one_gpu_each_round_robin() -> None:
     assert sweeps.worker_device("cpu", 1, 4) is None
 
 
-def test_a_worker_uses_its_gpu_when_cuda_is_there(monkeypatch) -> None:
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert sweeps.worker_device(BASE["device"], 1, torch.cuda.device_count()) is None
-    assert sweeps.worker_device("auto", 1, torch.cuda.device_count()) == "cuda:1"
+def test_a_worker_stopped_alone_ends_the_sweep_unfinished(sweep_dir: Path, cli) -> None:
+    write(sweep_dir, "grid.yaml", {**GRID, "parameters": {"optimizer.lr": [0.01, 0.1]}, "set": {"train.max_steps": 4}})
+    # the worker gets SIGTERM after step 2 of its first trial, from no one the sweep command knows of
+    stopped = cli("sweep", "grid.yaml", env={**QUICK, "TRAINER_STOP_AT_STEP": "2"})
+    assert stopped.code == 1, stopped.output
+    assert "sweep worker 0 ended with exit code 143 (stopped by a signal sent to it alone)" in stopped.stderr
+    assert states(study_of(sweep_dir, "grid")) == ["RUNNING", "WAITING"]
+    again = cli("sweep", "grid.yaml", env=QUICK)
+    assert again.code == 0 and states(study_of(sweep_dir, "grid")) == ["COMPLETE", "COMPLETE"]
+    assert resumes(sweep_dir / "runs" / "grid" / "trial-0000") == 1
 
 
 # ---------------------------------------------------------------------------------------------- methods, failures, changes
@@ -334,8 +338,13 @@ def test_parameter_forms() -> None:
         "[1, 1] gives a value twice; each value once",
         "int needs whole numbers [low, high], got [1.5, 3]",
     ]
-    assert [sweeps._cell([[1, 2], ["a", "b", "c"]], i) for i in range(6)] == [
+    grid = [sweeps.Parameter("a", "choice", (1, 2)), sweeps.Parameter("b", "choice", ("a", "b", "c"))]
+    assert [sweeps._cell(grid, i) for i in range(6)] == [
         [1, "a"], [1, "b"], [1, "c"], [2, "a"], [2, "b"], [2, "c"],
     ]  # fmt: skip
+    huge = sweeps._parameter("seed", {"int": [0, 10**9]}, problems.append)  # never listed
+    assert (huge.size(), huge.value(7)) == (10**9 + 1, 7)
+    # a capped grid drawn again with a larger cap keeps the cells it had
+    assert sweeps._draw_cells(30, 6, 0)[:5] == sweeps._draw_cells(30, 5, 0)
     assert sweeps.mask_password("postgresql://u:p@h:5/db") == "postgresql://u:***@h:5/db"
     assert sweeps.mask_password("sqlite:///x.db") == "sqlite:///x.db"

@@ -225,6 +225,9 @@ class StopRequests:
     def __enter__(self) -> StopRequests:
         for signum in (signal.SIGINT, signal.SIGTERM):
             self._previous[signum] = signal.signal(signum, self._handle)
+        outer = getattr(self._previous[signal.SIGTERM], "__self__", None)
+        if isinstance(outer, StopRequests) and outer.signum is not None:
+            self.signum = outer.signum  # asked of an outer listener (a sweep's worker, building the trial's run)
         return self
 
     def __exit__(self, *exc: Any) -> None:

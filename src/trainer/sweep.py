@@ -57,9 +57,17 @@ class Parameter:
     low: float = 0.0
     high: float = 0.0
 
+    def size(self) -> int:
+        """How many values a grid takes."""
+        return len(self.values) if self.kind == "choice" else int(self.high) - int(self.low) + 1
+
+    def value(self, position: int) -> Any:
+        """A grid's value number `position` (an int range is never listed: it may be huge)."""
+        return self.values[position] if self.kind == "choice" else int(self.low) + position
+
     def grid(self) -> list[Any]:
         """The values a grid takes."""
-        return list(self.values) if self.kind == "choice" else list(range(int(self.low), int(self.high) + 1))
+        return [self.value(i) for i in range(self.size())]
 
     def distribution(self) -> Any:
         from optuna.distributions import (
@@ -127,19 +135,18 @@ class Sweep:
     def grid_size(self) -> int:
         size = 1
         for p in self.parameters:
-            size *= len(p.grid())
+            size *= p.size()
         return size
 
     def planned(self) -> list[dict[str, Any]]:
         """The trials' parameters, known up front for grid and random (in order); [] for tpe."""
         if self.method == "grid":
-            grids = [p.grid() for p in self.parameters]
             total = self.grid_size()
             if self.trials is None or self.trials >= total:
                 indices: list[int] | range = range(total)
             else:  # a capped grid: cells drawn at random, so the cap does not vary only the last key
-                indices = random.Random(self.seed).sample(range(total), self.trials)
-            return [dict(zip([p.key for p in self.parameters], _cell(grids, i))) for i in indices]
+                indices = _draw_cells(total, self.trials, self.seed)
+            return [{p.key: value for p, value in zip(self.parameters, _cell(self.parameters, i))} for i in indices]
         if self.method == "random":
             optuna = _optuna()
             draws = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=self.seed))
@@ -148,13 +155,24 @@ class Sweep:
         return []
 
 
-def _cell(grids: list[list[Any]], index: int) -> list[Any]:
+def _cell(parameters: list[Parameter], index: int) -> list[Any]:
     """The grid cell number `index` (row-major: the last key varies fastest)."""
     values = []
-    for grid in reversed(grids):
-        index, position = divmod(index, len(grid))
-        values.append(grid[position])
+    for p in reversed(parameters):
+        index, position = divmod(index, p.size())
+        values.append(p.value(position))
     return values[::-1]
+
+
+def _draw_cells(total: int, count: int, seed: int) -> list[int]:
+    """`count` distinct cells of `total`, drawn one at a time: a larger count keeps the first ones."""
+    rng, drawn, seen = random.Random(seed), [], set()
+    while len(drawn) < count:
+        cell = rng.randrange(total)
+        if cell not in seen:
+            seen.add(cell)
+            drawn.append(cell)
+    return drawn
 
 
 def load_sweep(path: str | Path, *, trials: int | None = None) -> Sweep:
@@ -310,7 +328,7 @@ def _trial_problems(sweep: Sweep, lines: Any) -> list[Problem]:
     """Problems of the trials' configs: each key and each value at least once, put on the sweep file's line."""
     from trainer.config import load_config
 
-    first = {p.key: (p.grid() if p.kind in ("choice", "int") else [p.low])[0] for p in sweep.parameters}
+    first = {p.key: p.value(0) if p.kind in ("choice", "int") else p.low for p in sweep.parameters}
     variants = [first]
     for p in sweep.parameters:  # every listed value, and both ends of a range, with the others at their first
         candidates = list(p.values) if p.kind == "choice" else [p.low, p.high]
@@ -430,8 +448,9 @@ def record(study: Any, sweep: Sweep) -> None:
 
 
 def _comparable(resolved: dict[str, Any]) -> dict[str, Any]:
-    """The parts of a sweep that define its trials: `trials` may grow or shrink between commands."""
-    return {k: v for k, v in resolved.items() if k != "trials"}
+    """The parts of a sweep that define its trials: `trials` may grow or shrink between commands, and
+    the base config may be elsewhere on another machine (its contents, `base`, are compared)."""
+    return {k: v for k, v in resolved.items() if k not in ("trials", "config")}
 
 
 def _wait_for_record(study: Any, seconds: float = 30.0) -> dict[str, Any] | None:
@@ -487,7 +506,15 @@ def _key(params: dict[str, Any]) -> str:
 
 def this_process() -> dict[str, Any]:
     """The owner a trial records: it is interrupted once this process is gone."""
-    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid())}
+    return {"host": socket.gethostname(), "boot": _boot_id(), "pid": os.getpid(), "start": _start_time(os.getpid())}
+
+
+def _boot_id() -> str | None:
+    """This boot of this machine (Linux): a trial owned before a reboot is gone whatever its pid."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
 
 
 def _start_time(pid: int) -> str | None:
@@ -498,10 +525,15 @@ def _start_time(pid: int) -> str | None:
         return None
 
 
-def owner_gone(owner: Any) -> bool:
-    """Whether a RUNNING trial's owner, on this host, is no longer running (False for another host's)."""
-    if not isinstance(owner, dict) or owner.get("host") != socket.gethostname():
-        return not isinstance(owner, dict)  # a trial taken without an owner (killed at once) is gone
+def owner_gone(owner: Any, started: Any = None) -> bool:
+    """Whether a RUNNING trial's owner, on this host, is no longer running (False for another host's).
+    A trial with no owner yet was taken a moment ago, or by a process killed at once: gone after a minute."""
+    if not isinstance(owner, dict):
+        return started is None or time.time() - started.timestamp() > 60
+    if owner.get("host") != socket.gethostname():
+        return False
+    if owner.get("boot") is not None and owner.get("boot") != _boot_id():
+        return True
     pid = owner.get("pid")
     try:
         os.kill(int(pid), 0)
@@ -515,23 +547,35 @@ def interrupted_trials(study: Any) -> list[int]:
     from optuna.trial import TrialState
 
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    return [t.number for t in running if owner_gone(t.user_attrs.get("owner"))]
+    return [t.number for t in running if owner_gone(t.user_attrs.get("owner"), t.datetime_start)]
 
 
 def trial_folder(sweep_dir: Path, number: int) -> Path:
     return Path(sweep_dir) / f"trial-{number:04d}"
 
 
-def _take_next(study: Any, sweep: Sweep, owner: dict[str, Any]) -> Any:
+def queued(study: Any, sweep: Sweep, plan_keys: set[str] | None) -> list[Any]:
+    """The WAITING trials this sweep still runs: those of its current plan (a lower --trials, or a
+    parameter --force removed, leaves the others waiting) and retries."""
+    from optuna.trial import TrialState
+
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    if plan_keys is None:
+        return list(waiting)
+    return [t for t in waiting if _key(_params_of(t)) in plan_keys or t.user_attrs.get("retry_of") is not None]
+
+
+def _take_next(study: Any, sweep: Sweep, owner: dict[str, Any], plan_keys: set[str] | None) -> Any:
     """The next trial this worker runs (an Optuna Trial with its parameters suggested), or None when
     nothing is left: a queued one, or for tpe a new draw while fewer than `trials` exist."""
-    import optuna
     from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
     storage, study_id = _storage_of(study)
     trial_id = None
-    for waiting in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
+    # Optuna's own `ask` takes the queue's first trial this way (Study._pop_waiting_trial_id), but
+    # draws a new trial when the queue is empty, which a grid must not
+    for waiting in queued(study, sweep, plan_keys):
         candidate = storage.get_trial_id_from_study_id_trial_number(study_id, waiting.number)
         try:
             if storage.set_trial_state_values(candidate, state=TrialState.RUNNING):  # granted to one worker only
@@ -543,15 +587,25 @@ def _take_next(study: Any, sweep: Sweep, owner: dict[str, Any]) -> Any:
         if sweep.method != "tpe" or _used_slots(study) >= (sweep.trials or 0):
             return None
         trial_id = storage.create_new_trial(study_id)
+    trial = _begin(study, sweep, trial_id, owner)
+    if sweep.method == "tpe" and trial.number >= _slot_limit(study, sweep):
+        trial.set_user_attr("surplus", True)  # two workers drew at once past `trials`: drop this one
+        study.tell(trial, state=TrialState.FAIL)
+        return None
+    return trial
+
+
+def _begin(study: Any, sweep: Sweep, trial_id: int, owner: dict[str, Any]) -> Any:
+    """The Trial of a trial this worker has taken (new, queued or resumed): its owner recorded and its
+    parameters set, again if it was resumed (the same values: a resumed trial keeps its cell)."""
+    import optuna
+
+    storage, _ = _storage_of(study)
     if sweep.method == "tpe":  # seeded by trial number: a resumed sweep draws what it would have drawn
         study.sampler = optuna.samplers.TPESampler(seed=sweep.seed + storage.get_trial_number_from_id(trial_id))
     trial = optuna.Trial(study, trial_id)  # after the sampler: a Trial tells it that it begins
     trial.set_user_attr("owner", owner)
     _suggest(trial, sweep)
-    if sweep.method == "tpe" and trial.number >= _slot_limit(study, sweep):
-        trial.set_user_attr("surplus", True)  # two workers drew at once past `trials`: drop this one
-        study.tell(trial, state=TrialState.FAIL)
-        return None
     return trial
 
 
@@ -572,11 +626,9 @@ def _storage_of(study: Any) -> tuple[Any, int]:
     return study._storage, study._study_id
 
 
-def trial_by_number(study: Any, number: int) -> Any:
-    import optuna
-
+def _trial_id(study: Any, number: int) -> int:
     storage, study_id = _storage_of(study)
-    return optuna.Trial(study, storage.get_trial_id_from_study_id_trial_number(study_id, number))
+    return storage.get_trial_id_from_study_id_trial_number(study_id, number)
 
 
 def _used_slots(study: Any) -> int:
@@ -600,7 +652,7 @@ def _slot_limit(study: Any, sweep: Sweep) -> int:
     return sys.maxsize
 
 
-def run_trial(study: Any, trial: Any, sweep: Sweep, sweep_dir: Path, *, device: str | None, resume: bool) -> int | None:
+def run_trial(study: Any, trial: Any, sweep: Sweep, sweep_dir: Path, *, device: str | None, resume: bool, force: bool = False) -> int | None:
     """Train one trial in its run folder (resuming it if `resume`) and tell the study how it ended.
     Returns the run's exit code when a signal stopped it (the trial stays RUNNING, to be resumed), else None."""
     from optuna.trial import TrialState
@@ -631,7 +683,7 @@ def run_trial(study: Any, trial: Any, sweep: Sweep, sweep_dir: Path, *, device: 
         config = load_config(sweep.config, values=sweep.trial_values(dict(trial.params)))
         result = execute_run(
             config, run_dir=None if resume_from else folder, root=sweep_dir.parent, device=device, quiet=True,
-            resume=resume_from, data_dir=started_in(folder) if resume_from else None, on_epoch=on_epoch,
+            resume=resume_from, force=force, data_dir=started_in(folder) if resume_from else None, on_epoch=on_epoch,
         )  # fmt: skip
     except UsageError as err:
         if "in use by another trainer process" in str(err):
@@ -663,12 +715,12 @@ def _clear_started(folder: Path) -> None:
     """Remove what a trial killed before its first checkpoint wrote (its own files only)."""
     import shutil
 
-    from trainer.runs import _written_by_trainer
+    from trainer.runs import LOCK_FILE, _written_by_trainer
 
     if not folder.is_dir():
         return
     for entry in folder.iterdir():
-        if _written_by_trainer(entry.name):
+        if _written_by_trainer(entry.name) and entry.name != LOCK_FILE:  # another process may hold it
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
@@ -695,10 +747,11 @@ def worker_device(device: str, index: int, cuda_count: int) -> str | None:
     return None
 
 
-def work(sweep_dir: Path, index: int, resume: list[int]) -> int:
+def work(sweep_dir: Path, index: int, resume: list[int], force: bool = False) -> int:
     """One worker: trials until none is left or a signal stops it; its exit code."""
     import optuna
     import torch
+    from optuna.trial import TrialState
 
     from trainer.runs import StopRequests
 
@@ -707,19 +760,21 @@ def work(sweep_dir: Path, index: int, resume: list[int]) -> int:
     study = optuna.load_study(study_name=sweep.name, storage=storage, pruner=pruner(sweep))
     device = worker_device(sweep.base.get("device", "auto"), index, torch.cuda.device_count())
     owner = this_process()
-    with StopRequests() as stop:
+    plan_keys = {_key(p) for p in sweep.planned()} if sweep.method != "tpe" else None
+    with StopRequests() as stop:  # a run's own StopRequests takes over a signal that came before it began
         queue = list(resume)
         while stop.signum is None:
             if queue:
-                trial = trial_by_number(study, queue.pop(0))
-                trial.set_user_attr("owner", owner)
-                resumed = True
+                number = queue.pop(0)
+                if study.get_trials(deepcopy=False)[number].state != TrialState.RUNNING:
+                    continue  # finished meanwhile (another command on this host took it)
+                trial, resumed = _begin(study, sweep, _trial_id(study, number), owner), True
             else:
-                trial, resumed = _take_next(study, sweep, owner), False
+                trial, resumed = _take_next(study, sweep, owner, plan_keys), False
                 if trial is None:
                     return 0
             try:
-                code = run_trial(study, trial, sweep, sweep_dir, device=device, resume=resumed)
+                code = run_trial(study, trial, sweep, sweep_dir, device=device, resume=resumed, force=force)
             except Exception as err:  # noqa: BLE001 - a bug in one trial fails that trial; the sweep goes on
                 if os.environ.get("TRAINER_DEBUG"):
                     raise
@@ -746,7 +801,7 @@ def _worker_main(argv: list[str]) -> int:
     load_plugins(None)  # TRAINER_PLUGINS, set by the sweep command
     resume = [int(n) for n in argv[2].split(",") if n] if len(argv) > 2 else []
     try:
-        return work(sweep_dir, index, resume)
+        return work(sweep_dir, index, resume, force=len(argv) > 3 and argv[3] == "force")
     except KeyboardInterrupt:
         return 130
     except Exception as err:  # told by the sweep command; the traceback only on request
@@ -794,6 +849,7 @@ def run_sweep(
     folder = Path(root) / sweep.name
     _refuse_foreign_folder(folder, sweep.name)
     _refuse_other_storage(folder, storage)
+    _refuse_lost_journal(folder, storage)
     opened = open_storage(storage, folder) if storage else None  # an unreachable database: before any folder exists
     folder.mkdir(parents=True, exist_ok=True)
     opened = opened or open_storage(None, folder)
@@ -804,9 +860,10 @@ def run_sweep(
         record(study, sweep)
     resume = interrupted_trials(study)
     owner = this_process()
+    storage_of, _ = _storage_of(study)
     for number in resume:  # this command's until a worker takes them
-        trial_by_number(study, number).set_user_attr("owner", owner)
-    exit_code = _run_workers(folder, study, sweep, workers, resume, storage, view)
+        storage_of.set_trial_user_attr(_trial_id(study, number), "owner", owner)
+    exit_code = _run_workers(folder, study, sweep, workers, resume, storage, view, force)
     return _finish(folder, study, sweep, exit_code)
 
 
@@ -817,9 +874,9 @@ def _check_first_trial(sweep: Sweep) -> None:
     from trainer.config import load_config
 
     planned = sweep.planned()[:1]
-    params = planned[0] if planned else {p.key: p.grid()[0] if p.kind in ("choice", "int") else p.low for p in sweep.parameters}
+    params = planned[0] if planned else {p.key: p.value(0) if p.kind in ("choice", "int") else p.low for p in sweep.parameters}
     try:
-        built = build_run(load_config(sweep.config, values=sweep.trial_values(params)))
+        built = build_run(load_config(sweep.config, values=sweep.trial_values(params)), device="cpu")  # no GPU context kept here
         check_one_batch(built)
     except UsageError as err:
         raise UsageError(f"the sweep's first trial ({_params_text(params)}) cannot run: {err}") from None
@@ -833,6 +890,14 @@ def _refuse_foreign_folder(folder: Path, name: str) -> None:
         raise UsageError(
             f"'{folder}' exists and is not a sweep's folder (it has no {SWEEP_FILE}); give the sweep another name "
             "(name: in the sweep file) or another --runs-root"
+        )
+
+
+def _refuse_lost_journal(folder: Path, storage: str | None) -> None:
+    if storage is None and any(folder.glob("trial-*")) and not (folder / JOURNAL_FILE).exists():
+        raise UsageError(
+            f"the sweep folder '{folder}' has trials but no {JOURNAL_FILE}, which recorded them; restore it, or give the "
+            "sweep a new name (name: in the sweep file)"
         )
 
 
@@ -855,16 +920,20 @@ def _write_sweep_file(folder: Path, sweep: Sweep, storage: str | None) -> None:
     write_text(folder / SWEEP_FILE, "# the sweep as resolved by trainer; what `trainer sweep` compares a later command with\n" + dump_yaml(record))
 
 
-def _run_workers(folder: Path, study: Any, sweep: Sweep, workers: int, resume: list[int], storage: str | None, view: Any) -> int:
+def _run_workers(
+    folder: Path, study: Any, sweep: Sweep, workers: int, resume: list[int], storage: str | None, view: Any, force: bool
+) -> int:
     """Start the workers, show the trials until they are done, pass signals on; the sweep's exit code."""
-    from optuna.trial import TrialState
-
-    pending = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))) + len(resume)
+    plan_keys = {_key(p) for p in sweep.planned()} if sweep.method != "tpe" else None
+    pending = len(queued(study, sweep, plan_keys)) + len(resume)
     count = max(1, min(workers, pending)) if sweep.method != "tpe" else workers
     if pending == 0 and (sweep.method != "tpe" or _used_slots(study) >= (sweep.trials or 0)):
         return 0
-    threads = max(1, (os.cpu_count() or 1) // count)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    threads = max(1, len(os.sched_getaffinity(0)) // count) if hasattr(os, "sched_getaffinity") else max(1, (os.cpu_count() or 1) // count)
+    env = dict(os.environ)
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # the cores split between the workers, unless set
+        env.setdefault(name, str(threads))
+    env.pop(STORAGE_ENV, None)
     if storage:
         env[STORAGE_ENV] = storage
     from trainer.plugins import ENV_VAR, loaded
@@ -874,8 +943,8 @@ def _run_workers(folder: Path, study: Any, sweep: Sweep, workers: int, resume: l
     procs = []
     for index in range(count):
         mine = ",".join(str(n) for n in resume[index::count])
-        cmd = [sys.executable, "-m", "trainer.sweep", str(folder), str(index), mine]
-        procs.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, process_group=0))
+        cmd = [sys.executable, "-m", "trainer.sweep", str(folder), str(index), mine, "force" if force else ""]
+        procs.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True))
     received: list[int] = []
 
     def signal_all(signum: int) -> None:
@@ -890,14 +959,17 @@ def _run_workers(folder: Path, study: Any, sweep: Sweep, workers: int, resume: l
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     died = None
     try:
-        while any(p.poll() is None for p in procs):
-            if view is not None:
-                view.update(trial_rows(study, sweep))
-            time.sleep(0.5)
-            broken = [i for i, p in enumerate(procs) if p.returncode not in (None, 0, 130, 143)]
+        while True:
+            running = any(p.poll() is None for p in procs)
+            broken = [i for i, p in enumerate(procs) if p.returncode not in (None, 0) and not received]
             if broken and died is None:  # the others stop too, resumable; the next command goes on
                 died = broken[0]
                 signal_all(signal.SIGTERM)
+            if not running:
+                break
+            if view is not None:
+                view.update(trial_rows(study, sweep))
+            time.sleep(0.5)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -908,6 +980,7 @@ def _run_workers(folder: Path, study: Any, sweep: Sweep, workers: int, resume: l
     if died is not None:
         code = procs[died].returncode
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"ended with exit code {code}"
+        how += " (stopped by a signal sent to it alone)" if code in (130, 143) else ""
         raise TrainingFailed(f"sweep worker {died} {how}; run the same command again to go on where it stopped")
     return 0
 
@@ -922,7 +995,7 @@ def trial_rows(study: Any, sweep: Sweep) -> list[dict[str, Any]]:
         if t.user_attrs.get("surplus"):
             continue
         state = t.state.name.lower()
-        if t.state == TrialState.RUNNING and owner_gone(t.user_attrs.get("owner")):
+        if t.state == TrialState.RUNNING and owner_gone(t.user_attrs.get("owner"), t.datetime_start):
             state = "interrupted"
         value = t.value if t.state == TrialState.COMPLETE else (t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None)
         started = t.datetime_start.timestamp() if t.datetime_start else None
@@ -943,15 +1016,18 @@ def _finish(folder: Path, study: Any, sweep: Sweep, exit_code: int) -> SweepResu
     counts: dict[str, int] = {}
     for row in rows:
         counts[row["state"]] = counts.get(row["state"], 0) + 1
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     best = None
-    if complete:
-        top = (max if sweep.mode == "max" else min)(complete, key=lambda t: (t.value, -t.number))
-        best = {"number": top.number, "folder": trial_folder(folder, top.number), "value": top.value, "params": dict(top.params)}
+    if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        top = study.best_trial  # the first of equal bests
+        owner = top.user_attrs.get("owner") or {}
+        best = {
+            "number": top.number, "folder": trial_folder(folder, top.number), "value": top.value, "params": dict(top.params),
+            "host": owner.get("host") if owner.get("host") != socket.gethostname() else None,
+        }  # fmt: skip
         _write_best(folder, best, sweep)
     retried = {t.user_attrs.get("retry_of") for t in study.get_trials(deepcopy=False)}
     failed = [r for r in rows if r["state"] == "fail" and r["number"] not in retried]
-    if exit_code == 0 and failed:
+    if exit_code == 0 and (failed or counts.get("interrupted")):  # done only when every trial ended
         exit_code = 1
     return SweepResult(folder, exit_code, best, counts, failed)
 
@@ -959,10 +1035,16 @@ def _finish(folder: Path, study: Any, sweep: Sweep, exit_code: int) -> SweepResu
 def _write_best(folder: Path, best: dict[str, Any], sweep: Sweep) -> None:
     from trainer.runs import write_text
 
+    from trainer.config import load_config
+
     config = best["folder"] / "config.yaml"
+    where = f" (trained on {best['host']})" if best["host"] else ""
+    head = f"# the best trial of sweep {sweep.name}: {best['folder'].name}{where}, {sweep.metric} {best['value']:.6g}\n"
     if config.is_file():
-        head = f"# the best trial of sweep {sweep.name}: {best['folder'].name}, {sweep.metric} {best['value']:.6g}\n"
-        write_text(folder / BEST_FILE, head + config.read_text(encoding="utf-8"))
+        text = config.read_text(encoding="utf-8")
+    else:  # it ran on another machine sharing the storage: the same config, from the base and its values
+        text = load_config(sweep.config, values=sweep.trial_values(best["params"])).to_yaml()
+    write_text(folder / BEST_FILE, head + text)
 
 
 def _params_text(params: dict[str, Any]) -> str:
