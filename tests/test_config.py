@@ -565,3 +565,15 @@ def test_show_config_prints_the_merged_config_without_extends(cli, tmp_path):
     assert shown["optimizer"] == {"name": "sgd", "lr": 0.01, "momentum": 0.9}
     assert shown["data"]["name"] == "digits" and shown["train"]["epochs"] == 2 and shown["train"]["log_every"] == 10
     assert shown["scheduler"]["name"] == "cosine" and shown["scheduler"]["T_max"] == 2  # filled from the merged epochs
+
+
+def test_the_json_schema_lets_a_file_that_extends_leave_out_sections():
+    import jsonschema
+
+    from trainer.config import json_schema
+
+    validator = jsonschema.Draft202012Validator(json_schema())
+    assert not list(validator.iter_errors({"extends": "../lenet.yaml", "train": {"epochs": 3}}))
+    assert not list(validator.iter_errors({"extends": ["a.yaml", "b.yml"]}))
+    assert [e.message for e in validator.iter_errors({"train": {"epochs": 3}})][0] == "'model' is a required property"
+    assert list(validator.iter_errors({"extends": 3}))

@@ -174,6 +174,13 @@ def json_schema() -> dict[str, Any]:
         name_property = definitions[section_models[section].__name__]["properties"]["name"]
         name_property["enum"] = names
         name_property["description"] = f"a registered {registry.kind}: trainer list {registry.plural}"
+    # a file that extends base files may leave out the sections they give
+    schema["properties"]["extends"] = {
+        "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
+        "description": "base config files merged under this one, in order; paths relative to this file's folder",
+    }
+    schema["if"] = {"required": ["extends"]}
+    schema["else"] = {"required": schema.pop("required")}
     return schema
 
 
