@@ -577,3 +577,10 @@ def test_the_json_schema_lets_a_file_that_extends_leave_out_sections():
     assert not list(validator.iter_errors({"extends": ["a.yaml", "b.yml"]}))
     assert [e.message for e in validator.iter_errors({"train": {"epochs": 3}})][0] == "'model' is a required property"
     assert list(validator.iter_errors({"extends": 3}))
+
+
+@pytest.mark.parametrize("value", ['"base\\0.yaml"', "x" * 300 + ".yaml"], ids=["nul-byte", "name-too-long"])
+def test_a_base_name_the_system_cannot_open_is_a_problem_not_a_crash(tmp_path, value):
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, f"extends: {value}\n"))
+    assert str(caught.value.problems[0]).startswith("line 1, extends: cannot read base file ")

@@ -501,7 +501,11 @@ def read_yaml_file(path: str | Path, what: str) -> tuple[dict[str, Any], _LineMa
     path = Path(path)
     source = str(path)
     example = "configs/lenet.yaml" if what == "config" else "sweeps/lenet.yaml"
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except (OSError, ValueError) as err:  # a name too long, or with a NUL byte
+        raise UsageError(f"cannot read {what} file '{source}': {getattr(err, 'strerror', None) or err}") from None
+    if not exists:
         raise UsageError(f"{what} file '{source}' does not exist; see the examples in {example.split('/')[0]}/")
     if path.is_dir():
         raise UsageError(f"'{source}' is a folder; give a YAML {what} file such as {example}")
@@ -598,12 +602,15 @@ def _base_file_problem(
             f"'{name}' is not a YAML file: `extends` names .yaml or .yml files, read with safe_load, and never "
             "imports code (your own models and datasets come from --plugins)"
         )
-    resolved = path.resolve()
+    try:
+        resolved, exists = path.resolve(), path.exists()
+    except (OSError, ValueError) as err:  # a name too long, a NUL byte
+        return f"cannot read base file '{label}': {getattr(err, 'strerror', None) or err}"
     for start, (ancestor, _) in enumerate(chain):
         if ancestor == resolved:
             cycle = " -> ".join([shown for _, shown in chain[start:]] + [chain[start][1]])
             return f"'{name}' makes a cycle: {cycle}; a config cannot extend itself, directly or through its bases"
-    if not path.exists():
+    if not exists:
         folder = path.parent
         others = [p.name for p in folder.glob("*.y*ml")] if folder.is_dir() else []
         guess = close_match(Path(name).name, others)
