@@ -67,6 +67,11 @@ def test_a_plugin_model_trains_resumes_and_evaluates(plugin: Path, cli) -> None:
     assert json.loads((run / "summary.json").read_text())["steps"] == 6
     evaluated = cli("eval", run, "--json", env={"TRAINER_PLUGINS": str(plugin)})
     assert evaluated.code == 0 and json.loads(evaluated.stdout)["samples"] == 359
+    predicted = cli("predict", run, "--split", "val", "--plugins", plugin, env=QUICK)
+    assert predicted.code == 0, predicted.output
+    rows = predicted.stdout.strip().splitlines()
+    assert len(rows) == 1 + 359 and "prediction" in rows[0].split(",")
+    assert f"accuracy {json.loads(evaluated.stdout)['accuracy']}" in predicted.stderr  # eval's, on the same rows
 
     # a plugin file changed since the run: told before anything runs; --force goes on
     plugin.write_text(PLUGIN + "\n# changed\n")
