@@ -268,9 +268,9 @@ def test_run_dir_writes_exactly_there_and_refuses_a_used_one(cli, tmp_path, writ
     assert (target / "metrics.jsonl").read_bytes() == before  # nothing already on disk lost
 
 
-def test_two_runs_never_share_a_folder(cli, write_config, tiny):
+def test_two_runs_never_share_a_folder(cli, write_config, tiny, tmp_path):
     config = write_config(tiny())
-    first, second = cli("run", config, "-q"), cli("run", config, "-q")
+    first, second = in_process("run", config, "-q", cwd=tmp_path), cli("run", config, "-q")
     assert first.code == second.code == 0
     assert run_folder(first) != run_folder(second)
     assert run_folder(first).parent == run_folder(second).parent
@@ -342,7 +342,7 @@ def test_show_config_prints_inferred_sizes(cli, tmp_path):
     assert shown["optimizer"]["lr"] == pytest.approx(3e-4)  # a string to PyYAML, a number here
     assert shown["name"] == "csv" and shown["train"]["log_every"] == 10  # defaults filled in
     # and the MLP on the CSV trains with no sizes in the YAML
-    assert cli("run", config, "train.epochs=1", "-q").code == 0
+    assert in_process("run", config, "train.epochs=1", "-q", cwd=tmp_path).code == 0
 
 
 def test_validate_builds_and_pushes_one_batch(cli):
@@ -478,8 +478,9 @@ def test_data_errors_exit_2_naming_what_is_there(cli, tmp_path, write_config):
     )  # fmt: skip
     result = cli("run", config)
     assert result.code == 2 and "data.target" in result.stderr and "a, b, label" in result.stderr
+    assert "Traceback" not in result.output
     (tmp_path / "images" / "cats").mkdir(parents=True)
-    result = cli("run", config, "data.name=image_folder", f"data.root={tmp_path / 'images'}", "~data.path", "~data.target")
+    result = in_process("run", config, "data.name=image_folder", f"data.root={tmp_path / 'images'}", "~data.path", "~data.target", cwd=tmp_path)
     assert result.code == 2 and "data.root" in result.stderr and "no images" in result.stderr.lower(), result.stderr
     assert "Traceback" not in result.output
 
@@ -589,7 +590,7 @@ def test_plugins_join_through_entry_points(cli, tmp_path, write_config):
     assert broken.code == 2 and "model 'ghost' is not available" in broken.stderr and "missing_function" in broken.stderr
 
 
-def test_a_dotted_import_path_is_not_a_model_name(cli, write_config):
+def test_a_dotted_import_path_is_not_a_model_name(write_config, tmp_path):
     config = write_config(
         {
             "model": {"name": "os:system"},
@@ -598,7 +599,7 @@ def test_a_dotted_import_path_is_not_a_model_name(cli, write_config):
             "optimizer": {"name": "sgd"},
         }
     )
-    result = cli("validate", config)
+    result = in_process("validate", config, cwd=tmp_path)
     assert result.code == 2 and "unknown model 'os:system'" in result.stderr
 
 
@@ -642,15 +643,17 @@ def test_eval_reproduces_the_runs_validation_metrics(seed_runs, cli):
 
 
 def test_eval_bad_input(cli, tmp_path, seed_runs):
-    assert cli("eval", tmp_path / "missing.pt").code == 2
-    empty = cli("eval", tmp_path)
+    missing = cli("eval", tmp_path / "missing.pt")
+    assert missing.code == 2 and "Traceback" not in missing.output
+    # the same path to exit 2 for the others: in process
+    empty = in_process("eval", tmp_path, cwd=tmp_path)
     assert empty.code == 2 and "holds no best.pt or last.pt" in empty.stderr
     folder = _folder(seed_runs, "lenet.yaml")
-    split = cli("eval", folder, "--split", "holdout")
+    split = in_process("eval", folder, "--split", "holdout", cwd=tmp_path)
     assert split.code == 2 and "unknown split 'holdout'; accepted: val, test, train" in split.stderr
-    both = cli("eval", folder, "--best", "--last")
+    both = in_process("eval", folder, "--best", "--last", cwd=tmp_path)
     assert both.code == 2 and "exclude each other" in both.stderr
-    no_val = cli("eval", _folder(seed_runs, "sqrt2.yaml"))
+    no_val = in_process("eval", _folder(seed_runs, "sqrt2.yaml"), cwd=tmp_path)
     assert no_val.code == 2 and "--split train" in no_val.stderr
 
 
