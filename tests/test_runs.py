@@ -12,9 +12,22 @@ from pathlib import Path
 import pytest
 
 from conftest import start_run, tiny_config
+from test_cli import in_process
 from trainer.config import config_from_dict
 from trainer.errors import UsageError
 from trainer.runs import create_run_dir, environment, execute_run, started_in
+
+
+@pytest.fixture
+def cli_in_process(tmp_path):
+    """The `cli` fixture's calls, run in this process (see test_cli.in_process): for the runs a test
+    only sets up, and for calls of a path that a console-script call beside them covers. Each saves a
+    process start and a torch import, ~5 s of CPU."""
+
+    def run(*args, cwd: Path | None = None):
+        return in_process(*args, cwd=cwd or tmp_path)
+
+    return run
 
 
 def test_run_folders_are_name_then_timestamp_and_never_reused(tmp_path):
@@ -90,7 +103,8 @@ def test_a_failed_run_records_failed_and_keeps_the_last_good_checkpoint(tmp_path
 
 
 @pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_a_signal_stops_the_run_cleanly(tmp_path, signum, code):
+def test_a_signal_stops_the_run_cleanly_and_resume_completes(cli, tmp_path, signum, code):
+    # (one run for what were two tests: the stop, then what the checkpoint it saved resumes to)
     proc, run_dir = start_run(tmp_path)
     os.kill(proc.pid, signum)
     stdout, stderr = proc.communicate(timeout=60)
@@ -100,6 +114,16 @@ def test_a_signal_stops_the_run_cleanly(tmp_path, signum, code):
     assert summary["status"] == "interrupted" and summary["steps"] > 0
     assert 0 < summary["train_time_s"] <= summary["wall_time_s"]  # the loop ran until the signal
     assert stdout.strip().splitlines()[-1] == str(run_dir)
+    # mid-epoch: it saved, and says how to resume
+    assert "trainer resume" in stdout + stderr  # the console says how to resume
+    saved = torch_load(run_dir / "checkpoints" / "last.pt")
+    assert saved["train_state"]["step"] == summary["steps"]  # the checkpoint is the step it stopped after
+    stale = run_dir / "checkpoints" / ".last.pt.abc123.tmp"  # what a SIGKILL mid-save leaves
+    stale.write_bytes(b"partial")
+    resumed = cli("resume", run_dir, "train.epochs=4", "-q")
+    assert resumed.code == 0, resumed.output
+    assert not stale.exists()
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
 
 
 def test_a_signal_just_after_the_run_folder_is_made_still_leaves_a_summary(tmp_path, monkeypatch):
@@ -122,7 +146,7 @@ def test_a_signal_just_after_the_run_folder_is_made_still_leaves_a_summary(tmp_p
     assert signal.getsignal(signal.SIGTERM) == handler  # the one from before the run is put back
 
 
-def test_a_run_folder_in_use_is_refused_to_a_second_process(cli, tmp_path):
+def test_a_run_folder_in_use_is_refused_to_a_second_process(cli, cli_in_process, tmp_path):
     proc, run_dir = start_run(tmp_path)
     try:
         refused = cli("resume", run_dir, "train.epochs=200000")
@@ -135,7 +159,7 @@ def test_a_run_folder_in_use_is_refused_to_a_second_process(cli, tmp_path):
         "wait for it to finish or stop it, then run this again"
     ]
     assert "resumes" not in json.loads((run_dir / "env.json").read_text())  # the refused resume wrote nothing
-    resumed = cli("resume", run_dir, "train.epochs=1", "train.max_steps=1000", "-q")
+    resumed = cli_in_process("resume", run_dir, "train.epochs=1", "train.max_steps=1000", "-q")
     assert resumed.code == 0, resumed.output
 
 
@@ -213,10 +237,10 @@ def test_a_run_folder_that_cannot_be_written_is_refused_before_training(tmp_path
     assert sorted(p.name for p in folder.iterdir()) == [".lock"]
 
 
-def test_resuming_a_complete_run_trains_nothing_and_changes_no_file(cli, tmp_path, write_config, tiny):
+def test_resuming_a_complete_run_trains_nothing_and_changes_no_file(cli, cli_in_process, tmp_path, write_config, tiny):
     config = write_config(tiny(train={"epochs": 2}))
     folder = tmp_path / "run"
-    assert cli("run", config, "--run-dir", folder, "-q").code == 0
+    assert cli_in_process("run", config, "--run-dir", folder, "-q").code == 0
     before = {p.name: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != ".lock"}
     again = cli("resume", folder)
     assert again.code == 0, again.output
@@ -226,18 +250,18 @@ def test_resuming_a_complete_run_trains_nothing_and_changes_no_file(cli, tmp_pat
         f"unchanged. To train on, resume with a larger budget: trainer resume {folder} train.epochs=4"
     )
     assert {p.name: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != ".lock"} == before
-    longer = cli("resume", folder, "train.epochs=3", "-q")
+    longer = cli_in_process("resume", folder, "train.epochs=3", "-q")
     assert longer.code == 0, longer.output
     assert json.loads((folder / "summary.json").read_text())["epochs"] == 3
 
 
 @pytest.mark.parametrize("scheduler", [None, {"name": "cosine"}], ids=["no-schedule", "cosine"])
-def test_the_command_a_complete_run_suggests_works_as_printed(cli, tmp_path, write_config, tiny, scheduler):
+def test_the_command_a_complete_run_suggests_works_as_printed(cli, cli_in_process, tmp_path, write_config, tiny, scheduler):
     import shlex
 
     config = write_config(tiny(train={"epochs": 2}, **({"scheduler": scheduler} if scheduler else {})))
     folder = tmp_path / "run"
-    assert cli("run", config, "--run-dir", folder, "-q").code == 0
+    assert cli_in_process("run", config, "--run-dir", folder, "-q").code == 0
     note = cli("resume", folder).stderr.strip()
     command = shlex.split(note.rsplit(": ", 1)[1])
     assert command[0] == "trainer"
@@ -249,17 +273,17 @@ def test_the_command_a_complete_run_suggests_works_as_printed(cli, tmp_path, wri
     assert summary["status"] == "completed" and summary["epochs"] == 4
 
 
-def test_a_complete_run_limited_by_max_steps_is_told_to_raise_max_steps(cli, tmp_path, write_config, tiny):
+def test_a_complete_run_limited_by_max_steps_is_told_to_raise_max_steps(cli, cli_in_process, tmp_path, write_config, tiny):
     config = write_config(tiny(train={"max_steps": 6}))  # 4 steps an epoch: ends in its second epoch
     folder = tmp_path / "run"
-    assert cli("run", config, "--run-dir", folder, "-q").code == 0
+    assert cli_in_process("run", config, "--run-dir", folder, "-q").code == 0
     again = cli("resume", folder, "train.epochs=6")  # more epochs do not lift the step limit
     assert again.code == 0, again.output
     assert again.stderr.strip().endswith(
         f"(2 epochs, 6 steps; train.epochs=6, train.max_steps=6); its files are unchanged. To train on, resume with "
         f"a larger budget: trainer resume {folder} train.max_steps=12"
     )
-    assert cli("resume", folder, "train.max_steps=12", "-q").code == 0  # the hint does train on
+    assert cli_in_process("resume", folder, "train.max_steps=12", "-q").code == 0  # the hint does train on
     assert json.loads((folder / "summary.json").read_text())["steps"] > 6
 
 
@@ -387,24 +411,6 @@ def test_a_run_killed_outright_resumes_into_the_uninterrupted_run(cli, tmp_path)
 # signals, NaN, corrupt and malicious checkpoints, a folder that cannot be written
 
 
-@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_a_signal_mid_epoch_saves_and_resume_completes(cli, tmp_path, signum, code):
-    proc, run_dir = start_run(tmp_path)
-    os.kill(proc.pid, signum)
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == code
-    assert "trainer resume" in stdout + stderr  # the console says how to resume
-    saved = torch_load(run_dir / "checkpoints" / "last.pt")
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert saved["train_state"]["step"] == summary["steps"]  # the checkpoint is the step it stopped after
-    stale = run_dir / "checkpoints" / ".last.pt.abc123.tmp"  # what a SIGKILL mid-save leaves
-    stale.write_bytes(b"partial")
-    resumed = cli("resume", run_dir, "train.epochs=4", "-q")
-    assert resumed.code == 0, resumed.output
-    assert not stale.exists()
-    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
-
-
 @pytest.mark.parametrize("ignore_after,survives", [(True, True), (False, False)])
 def test_a_rank_past_its_run_outlives_torchruns_sigterm(ignore_after, survives):
     # under torchrun, the rank that exits first makes torchrun SIGTERM the others; one that has
@@ -472,9 +478,9 @@ def test_malicious_checkpoint_is_refused_and_nothing_runs(cli, tmp_path, write_c
     assert not marker.exists()
 
 
-def test_resume_auto_skips_a_truncated_checkpoint(cli, tmp_path, write_config, tiny):
+def test_resume_auto_skips_a_truncated_checkpoint(cli, cli_in_process, tmp_path, write_config, tiny):
     config = write_config(tiny(train={"epochs": 2, "log_every": 1}))
-    first = cli("run", config, "-q")
+    first = cli_in_process("run", config, "-q")
     assert first.code == 0
     folder = tmp_path / first.stdout.strip()
     last = folder / "checkpoints" / "last.pt"
@@ -486,16 +492,16 @@ def test_resume_auto_skips_a_truncated_checkpoint(cli, tmp_path, write_config, t
     assert json.loads((folder / "summary.json").read_text())["epochs"] == 3
 
 
-def test_resume_with_a_different_run_is_refused_unless_forced(cli, tmp_path, write_config, tiny):
+def test_resume_with_a_different_run_is_refused_unless_forced(cli, cli_in_process, tmp_path, write_config, tiny):
     config = write_config(tiny())
-    first = cli("run", config, "-q")
+    first = cli_in_process("run", config, "-q")
     folder = tmp_path / first.stdout.strip()
     refused = cli("run", config, "--resume", folder, "data.batch_size=8", "seed=3")
     assert refused.code == 2
     assert "data.batch_size: 16 in the checkpoint, 8 now" in refused.stderr and "seed: 0" in refused.stderr
     assert "--force" in refused.stderr
     # a longer budget is not a different run
-    assert cli("run", config, "--resume", folder, "train.epochs=3", "-q").code == 0
+    assert cli_in_process("run", config, "--resume", folder, "train.epochs=3", "-q").code == 0
 
 
 def _make_read_only(folder: Path) -> None:
@@ -512,10 +518,10 @@ def _make_read_only(folder: Path) -> None:
         pytest.fail(f"cannot make {folder} read-only on this machine: {done.stderr.decode()}")
 
 
-def test_a_checkpoint_save_that_fails_names_the_path_and_keeps_the_old_one(cli, tmp_path, write_config, tiny):
+def test_a_checkpoint_save_that_fails_names_the_path_and_keeps_the_old_one(cli, cli_in_process, tmp_path, write_config, tiny):
     config = write_config(tiny(train={"epochs": 1}))
     folder = tmp_path / "run"
-    assert cli("run", config, "--run-dir", folder, "-q").code == 0
+    assert cli_in_process("run", config, "--run-dir", folder, "-q").code == 0
     checkpoints = folder / "checkpoints"
     before = (checkpoints / "last.pt").read_bytes()
     _make_read_only(checkpoints)
@@ -560,11 +566,11 @@ def test_a_checkpoint_whose_fsync_fails_in_the_background_stops_the_run(tmp_path
     assert sorted(p.name for p in last.parent.iterdir()) == []  # nothing half-written left
 
 
-def test_resume_refuses_what_it_cannot_continue(cli, tmp_path, write_config, tiny):
+def test_resume_refuses_what_it_cannot_continue(cli, cli_in_process, tmp_path, write_config, tiny):
     import torch
 
     config = write_config(tiny(scheduler={"name": "cosine"}))
-    folder = tmp_path / cli("run", config, "-q").stdout.strip()
+    folder = tmp_path / cli_in_process("run", config, "-q").stdout.strip()
     # a checkpoint outside a run folder: the resumed run would have no folder of its own
     loose = tmp_path / "loose.pt"
     loose.write_bytes((folder / "checkpoints" / "last.pt").read_bytes())
@@ -572,25 +578,25 @@ def test_resume_refuses_what_it_cannot_continue(cli, tmp_path, write_config, tin
     assert outside.code == 2 and "is not inside a run folder" in outside.stderr
     # a .pt that loads but is not a trainer checkpoint
     torch.save([torch.zeros(2)], folder / "checkpoints" / "other.pt")
-    other = cli("run", config, "--resume", folder / "checkpoints" / "other.pt")
+    other = cli_in_process("run", config, "--resume", folder / "checkpoints" / "other.pt")
     assert other.code == 2 and "is not a trainer checkpoint" in other.stderr
     # a longer budget would leave the cosine schedule's T_max behind
-    longer = cli("resume", folder, "train.epochs=4")
+    longer = cli_in_process("resume", folder, "train.epochs=4")
     assert longer.code == 2 and "T_max=2" in longer.stderr and "--force" in longer.stderr
     # a changed learning rate would be silently replaced by the optimizer's restored state
-    new_lr = cli("resume", folder, "optimizer.lr=0.5")
+    new_lr = cli_in_process("resume", folder, "optimizer.lr=0.5")
     assert new_lr.code == 2 and "optimizer.lr: 0.01 in the checkpoint, 0.5 now" in new_lr.stderr
     assert "Traceback" not in outside.output + other.output + longer.output + new_lr.output
 
 
 @pytest.mark.parametrize("old_format", [1, 2])
-def test_resume_reads_checkpoints_of_earlier_formats_and_refuses_a_newer_one(cli, tmp_path, write_config, tiny, old_format):
+def test_resume_reads_checkpoints_of_earlier_formats_and_refuses_a_newer_one(cli, cli_in_process, tmp_path, write_config, tiny, old_format):
     import json
 
     import torch
 
     config = write_config(tiny(train={"epochs": 2, "log_every": 3}))  # 8 steps: steps 7-8 wait for a log point
-    folder = tmp_path / cli("run", config, "-q").stdout.strip()
+    folder = tmp_path / cli_in_process("run", config, "-q").stdout.strip()
     last = folder / "checkpoints" / "last.pt"
     payload = torch.load(last, weights_only=True)
     assert payload["format"] == 3 and "history" not in payload["train_state"]
@@ -631,7 +637,7 @@ def test_a_checkpoint_format_no_trainer_wrote_is_refused(tmp_path, found):
     )
 
 
-def test_resume_refuses_data_that_changed_on_disk(cli, tmp_path, write_config):
+def test_resume_refuses_data_that_changed_on_disk(cli, cli_in_process, tmp_path, write_config):
     table = tmp_path / "table.csv"
     rows = [f"{i},{i % 3},{2 * i}" for i in range(40)]
     table.write_text("a,b,y\n" + "\n".join(rows) + "\n")
@@ -639,7 +645,7 @@ def test_resume_refuses_data_that_changed_on_disk(cli, tmp_path, write_config):
         {"model": {"name": "mlp", "hidden": 4}, "data": {"name": "csv", "path": str(table), "target": "y", "batch_size": 8},
          "loss": {"name": "mse"}, "optimizer": {"name": "sgd", "lr": 0.001}, "train": {"epochs": 1}}
     )  # fmt: skip
-    folder = tmp_path / cli("run", config, "-q").stdout.strip()
+    folder = tmp_path / cli_in_process("run", config, "-q").stdout.strip()
     table.write_text("a,b,y\n" + "\n".join(rows + ["40,1,80", "41,2,82"]) + "\n")  # same config, more rows
     result = cli("resume", folder, "train.epochs=2")
     assert result.code == 2 and "the data changed" in result.stderr and "32 training samples" in result.stderr
@@ -649,7 +655,7 @@ def test_resume_refuses_data_that_changed_on_disk(cli, tmp_path, write_config):
 # a run folder used from another working folder
 
 
-def test_resume_and_eval_read_relative_data_paths_from_where_the_run_started(cli, tmp_path):
+def test_resume_and_eval_read_relative_data_paths_from_where_the_run_started(cli, cli_in_process, tmp_path):
     import yaml
 
     project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
@@ -659,7 +665,7 @@ def test_resume_and_eval_read_relative_data_paths_from_where_the_run_started(cli
     (project / "data" / "table.csv").write_text("a,b,y\n" + rows + "\n")
     config = tiny_config(data={"name": "csv", "path": "data/table.csv", "target": "y", "batch_size": 8}, train={"epochs": 1})
     (project / "config.yaml").write_text(yaml.safe_dump(config))
-    started = cli("run", "config.yaml", "-q", cwd=project)
+    started = cli_in_process("run", "config.yaml", "-q", cwd=project)
     assert started.code == 0, started.output
     run_dir = project / started.stdout.strip()
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["path"] == "data/table.csv"  # kept as written
@@ -762,11 +768,11 @@ def test_a_disk_that_fails_mid_run_fails_the_run_and_resume_works_once_it_is_bac
         assert json.loads((folder / "summary.json").read_text())["status"] == "completed"
 
 
-def test_resume_on_a_full_disk_is_refused_and_changes_nothing(cli, tmp_path, write_config, tiny):
+def test_resume_on_a_full_disk_is_refused_and_changes_nothing(cli, cli_in_process, tmp_path, write_config, tiny):
     config = write_config(tiny(train={"epochs": 1}))
     with small_disk(tmp_path / "disk", "2m") as disk:
         folder = disk / "run"
-        assert cli("run", config, "--run-dir", folder, "-q").code == 0
+        assert cli_in_process("run", config, "--run-dir", folder, "-q").code == 0
         subprocess.run(["dd", "if=/dev/zero", f"of={disk / 'filler'}", "bs=64k"], capture_output=True)
         before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != ".lock"}
         refused = cli("resume", folder, "train.epochs=2")
@@ -774,10 +780,10 @@ def test_resume_on_a_full_disk_is_refused_and_changes_nothing(cli, tmp_path, wri
         assert f"cannot write the run folder '{folder}': No space left on device" in refused.stderr
         assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != ".lock"} == before
         (disk / "filler").unlink()
-        assert cli("resume", folder, "train.epochs=2", "-q").code == 0
+        assert cli_in_process("resume", folder, "train.epochs=2", "-q").code == 0
 
 
-def test_a_run_folder_moved_mid_run_fails_and_is_not_made_again(cli, tmp_path):
+def test_a_run_folder_moved_mid_run_fails_and_is_not_made_again(cli_in_process, tmp_path):
     proc, folder = start_run(tmp_path)
     moved = tmp_path / "moved"
     folder.rename(moved)
@@ -787,7 +793,7 @@ def test_a_run_folder_moved_mid_run_fails_and_is_not_made_again(cli, tmp_path):
     assert not folder.exists()  # not made again holding only last.pt and summary.json
     assert json.loads((moved / "summary.json").read_text())["status"] == "failed"  # written where it went
     step = torch_load(moved / "checkpoints" / "last.pt")["train_state"]["step"]
-    resumed = cli("resume", moved, f"train.max_steps={step + 8}", "-q")
+    resumed = cli_in_process("resume", moved, f"train.max_steps={step + 8}", "-q")
     assert resumed.code == 0, resumed.output
 
 
@@ -815,20 +821,20 @@ def test_a_run_dir_holding_other_files_is_refused_and_left_untouched(cli, tmp_pa
     assert [p.name for p in home.iterdir()] == ["notes.txt"]
 
 
-def test_resume_refuses_a_checkpoint_from_another_run_of_the_same_config(cli, tmp_path, write_config, tiny):
+def test_resume_refuses_a_checkpoint_from_another_run_of_the_same_config(cli, cli_in_process, tmp_path, write_config, tiny):
     import shutil
 
     config = write_config(tiny(train={"epochs": 1}))
     short, long = tmp_path / "short", tmp_path / "long"
-    assert cli("run", config, "--run-dir", short, "-q").code == 0
-    assert cli("run", config, "--run-dir", long, "train.epochs=3", "-q").code == 0
+    assert cli_in_process("run", config, "--run-dir", short, "-q").code == 0
+    assert cli_in_process("run", config, "--run-dir", long, "train.epochs=3", "-q").code == 0
     shutil.copy(long / "checkpoints" / "last.pt", short / "checkpoints" / "last.pt")
     before = (short / "metrics.jsonl").read_text()
     refused = cli("resume", short, "train.epochs=4")
     assert refused.code == 2, refused.output
     assert "belongs to another run" in refused.stderr and "--force" in refused.stderr
     assert (short / "metrics.jsonl").read_text() == before
-    assert cli("resume", short, "train.epochs=4", "--force", "-q").code == 0
+    assert cli_in_process("resume", short, "train.epochs=4", "--force", "-q").code == 0
 
 
 def test_json_files_are_strict_json(tmp_path):
