@@ -485,7 +485,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *, values:
     """Read (with its bases, `extends`), override and check a config file. Raises ConfigError (every
     problem) or UsageError.
 
-    `values`: dotted key -> value, set after `overrides` (a sweep's trial); a problem they cause names its key.
+    `values`: dotted key -> value, set before `overrides` (a sweep's trial); a problem they cause names its key.
     """
     data, lines = read_config_file(path)
     data.setdefault("name", Path(path).stem)
