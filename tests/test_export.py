@@ -188,6 +188,18 @@ def test_the_suffix_of_output_picks_the_format_and_a_contradiction_is_refused(ti
     assert files_in(tmp_path) == ["deep", "m.bin"]
 
 
+def test_a_run_without_validation_is_checked_on_its_one_training_sample(tmp_path):
+    # the seed mlp config's shape: ONE sample, no validation split
+    config = tiny_run_config("mlp")
+    config["data"].update(size=1, batch_size=1, val_fraction=0)
+    result = execute_run(config_from_dict(config, source="one sample"), run_dir=tmp_path / "run", quiet=True, tensorboard=False)
+    done = export_run(result.run_dir, fmt="pt2")
+    # the sample repeated to 3 rows: the export traces 2, the check runs 3
+    assert (done.split, done.samples) == ("train", 3) and done.max_abs_diff <= done.limit
+    x = torch.randn(1, *done.input_shape)
+    within(load_and_run("pt2", done.path, x), eager(result.run_dir, x))  # and one row, below the traced 2
+
+
 class Branchy(torch.nn.Module):
     """forward() branches on a tensor's value: torch.export cannot trace it for every input."""
 
