@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 PLUGIN = '''
@@ -72,6 +73,10 @@ def test_a_plugin_model_trains_resumes_and_evaluates(plugin: Path, cli) -> None:
     rows = predicted.stdout.strip().splitlines()
     assert len(rows) == 1 + 359 and "prediction" in rows[0].split(",")
     assert f"accuracy {json.loads(evaluated.stdout)['accuracy']}" in predicted.stderr  # eval's, on the same rows
+    exported = cli("export", run, "--format", "pt2", "--plugins", plugin, env=QUICK)
+    assert exported.code == 0, exported.output
+    program = torch.export.load(exported.cwd / exported.stdout.strip().splitlines()[-1])
+    assert program.module()(torch.rand(5, 1, 8, 8)).shape == (5, 10)
 
     # a plugin file changed since the run: told before anything runs; --force goes on
     plugin.write_text(PLUGIN + "\n# changed\n")
