@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -34,6 +35,14 @@ def summary(folder: Path) -> dict:
     return json.loads((folder / "summary.json").read_text())
 
 
+@functools.cache
+def _command(app):
+    """The click command of a Typer app, built once: CliRunner.invoke builds it anew at every call."""
+    import typer.main
+
+    return typer.main.get_command(app)
+
+
 def in_process(*args, cwd: Path) -> Result:
     """`trainer ARGS...` run in this process through Typer's CliRunner, from `cwd`.
 
@@ -43,12 +52,14 @@ def in_process(*args, cwd: Path) -> Result:
     exception that escaped the command would be a traceback there: it fails the test here."""
     import contextlib
     import traceback
+    from unittest import mock
 
+    import typer.testing
     from typer.testing import CliRunner
 
     from trainer.cli import app
 
-    with contextlib.chdir(cwd):
+    with contextlib.chdir(cwd), mock.patch.object(typer.testing, "_get_command", _command):
         result = CliRunner(env={"COLUMNS": "120", "TRAINER_DEBUG": None}).invoke(app, [str(a) for a in args])
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise AssertionError("".join(traceback.format_exception(*result.exc_info)))
