@@ -113,6 +113,22 @@ PluginsOpt = typer.Option(
 )
 
 
+# the options of the commands on a trained run: eval, predict, export
+TargetArg = typer.Argument(..., help="A run folder or a checkpoint file", show_default=False)
+BestOpt = typer.Option(False, "--best", help="Use the run folder's best.pt (the default when it exists)")
+LastOpt = typer.Option(False, "--last", help="Use the run folder's last.pt")
+DeviceOpt = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N, mps")
+
+
+def _which(best: bool, last: bool) -> Optional[str]:
+    """The checkpoint --best / --last pick in a run folder (None: best.pt when there is one)."""
+    from trainer.errors import UsageError
+
+    if best and last:
+        raise UsageError("--best and --last exclude each other")
+    return "best" if best else "last" if last else None
+
+
 def _plugins(option: Optional[str], run: Optional[Path] = None, force: bool = False) -> None:
     """Import the plugins; for a command on a run (a folder or a checkpoint in one), first check that
     the plugins it was trained with are loaded and unchanged."""
@@ -227,11 +243,11 @@ def _train(cfg, run_dir, runs_root, device, quiet, resume_from, force, data_dir=
 
 @app.command("eval")
 def eval_(
-    target: Path = typer.Argument(..., help="A run folder or a checkpoint file", show_default=False),
+    target: Path = TargetArg,
     split: str = typer.Option("val", "--split", help="val (the held-out split; MNIST's test split), test (the same) or train"),
-    best: bool = typer.Option(False, "--best", help="Use the run folder's best.pt (the default when it exists)"),
-    last: bool = typer.Option(False, "--last", help="Use the run folder's last.pt"),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N, mps"),
+    best: bool = BestOpt,
+    last: bool = LastOpt,
+    device: Optional[str] = DeviceOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as one JSON object"),
     plugins: Optional[str] = PluginsOpt,
     force: bool = typer.Option(False, "--force", help="Go on with a plugin file that changed since the run"),
@@ -241,13 +257,11 @@ def eval_(
     def action() -> None:
         import json
 
-        from trainer.errors import UsageError
         from trainer.runs import evaluate_checkpoint
 
-        if best and last:
-            raise UsageError("--best and --last exclude each other")
+        which = _which(best, last)
         _plugins(plugins, target if target.exists() else None, force)
-        metrics = evaluate_checkpoint(target, split=split, which="best" if best else "last" if last else None, device=device)
+        metrics = evaluate_checkpoint(target, split=split, which=which, device=device)
         if as_json:
             say(json.dumps(metrics))
             return
@@ -478,25 +492,23 @@ def sweep(
 
 @app.command()
 def export(
-    target: Path = typer.Argument(..., help="A run folder or a checkpoint file", show_default=False),
+    target: Path = TargetArg,
     fmt: Optional[str] = typer.Option(None, "--format", help="pt2 (torch.export, the default), onnx (needs trainer[export]) or safetensors (the weights and config.yaml)"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="The file to write (default: <run>/export/model.<format>)"),
-    best: bool = typer.Option(False, "--best", help="Use the run folder's best.pt (the default when it exists)"),
-    last: bool = typer.Option(False, "--last", help="Use the run folder's last.pt"),
+    best: bool = BestOpt,
+    last: bool = LastOpt,
     force: bool = typer.Option(False, "--force", help="Replace an existing output; go on with a plugin file that changed since the run"),
     plugins: Optional[str] = PluginsOpt,
 ) -> None:
     """Export a trained model as a file other programs load, checked against the model first; prints its path."""
 
     def action() -> None:
-        from trainer.errors import UsageError
         from trainer.export import FORMATS, ExportMismatch, export_run
 
-        if best and last:
-            raise UsageError("--best and --last exclude each other")
+        which = _which(best, last)
         _plugins(plugins, target if target.exists() else None, force)
         try:
-            done = export_run(target, fmt=fmt, output=output, which="best" if best else "last" if last else None, force=force)
+            done = export_run(target, fmt=fmt, output=output, which=which, force=force)
         except ExportMismatch as err:  # the input was fine; the exporter's result is wrong
             _fail(str(err), EXIT_FAILED)
         shape = ", ".join(["batch", *map(str, done.input_shape)])
@@ -518,7 +530,7 @@ def export(
 
 @app.command()
 def predict(
-    target: Path = typer.Argument(..., help="A run folder or a checkpoint file", show_default=False),
+    target: Path = TargetArg,
     inputs: Optional[str] = typer.Argument(
         None, help="A CSV file with the run's feature columns, an image file, a folder of images or a quoted glob ('imgs/*.png')", show_default=False
     ),
@@ -526,23 +538,21 @@ def predict(
     fmt: Optional[str] = typer.Option(None, "--format", help="csv (the default) or jsonl (the default for an --output ending in .jsonl)"),
     split: Optional[str] = typer.Option(None, "--split", help="Predict on the run's own data instead of INPUT: val (or test) or train"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Inputs per forward pass (default: the run's data.batch_size)"),
-    best: bool = typer.Option(False, "--best", help="Use the run folder's best.pt (the default when it exists)"),
-    last: bool = typer.Option(False, "--last", help="Use the run folder's last.pt"),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N, mps"),
+    best: bool = BestOpt,
+    last: bool = LastOpt,
+    device: Optional[str] = DeviceOpt,
     plugins: Optional[str] = PluginsOpt,
     force: bool = typer.Option(False, "--force", help="Go on with a plugin file that changed since the run"),
 ) -> None:
     """Predict with a saved model on new CSV rows or images, preprocessed as its training data were."""
 
     def action() -> None:
-        from trainer.errors import UsageError
         from trainer.predict import describe, predict
 
-        if best and last:
-            raise UsageError("--best and --last exclude each other")
+        which = _which(best, last)
         _plugins(plugins, target if target.exists() else None, force)
         result = predict(
-            target, inputs, split=split, which="best" if best else "last" if last else None, device=device,
+            target, inputs, split=split, which=which, device=device,
             batch_size=batch_size, output=output, fmt=fmt, stream=sys.stdout,
         )  # fmt: skip
         for line in describe(result, output):
