@@ -93,7 +93,14 @@ def test_a_plugin_dataset_trains_a_builtin_model(plugin: Path, cli) -> None:
     assert shown.code == 0 and yaml.safe_load(shown.stdout)["model"]["in_features"] == 4  # sizes inferred as for a built-in
     result = cli("run", "blobs.yaml", "--plugins", plugin.name, env=QUICK)
     assert result.code == 0, result.output
-    assert json.loads((result.cwd / result.stdout.strip().splitlines()[-1] / "summary.json").read_text())["steps"] == 3
+    run = result.cwd / result.stdout.strip().splitlines()[-1]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3
+    evaluated = cli("eval", run, "--json", "--plugins", plugin.name, env=QUICK)
+    assert evaluated.code == 0 and json.loads(evaluated.stdout)["samples"] == 12  # a fifth of 60 held out
+    predicted = cli("predict", run, "--split", "val", "--plugins", plugin.name, env=QUICK)
+    assert predicted.code == 0 and len(predicted.stdout.strip().splitlines()) == 1 + 12
+    exported = cli("export", run, "--format", "safetensors", "--plugins", plugin.name, env=QUICK)
+    assert exported.code == 0, exported.output
 
 
 def test_a_plugin_is_checked_like_a_builtin(plugin: Path, cli) -> None:
