@@ -269,7 +269,7 @@ def test_overrides_shorten_a_run(cli):
 def test_run_dir_writes_exactly_there_and_refuses_a_used_one(cli, tmp_path, write_config, tiny):
     config = write_config(tiny())
     target = tmp_path / "my-run"
-    first = cli("run", config, "--run-dir", target)
+    first = in_process("run", config, "--run-dir", target, cwd=tmp_path)  # the refusal below is the console script's
     assert first.code == 0, first.output
     assert run_folder(first) == target.resolve() and (target / "summary.json").exists()
     before = (target / "metrics.jsonl").read_bytes()
@@ -649,7 +649,7 @@ def test_eval_reproduces_the_runs_validation_metrics(seed_runs, cli):
     assert metrics["loss"] == pytest.approx(final["val_loss"], rel=1e-6)
     assert metrics["accuracy"] == pytest.approx(final["val_accuracy"])
     assert metrics["step"] == 230 and metrics["samples"] == 359
-    best = cli("eval", folder)  # best.pt by default, in words
+    best = in_process("eval", folder, cwd=folder)  # best.pt by default, in words (the same command, in process)
     assert best.code == 0 and "best.pt" in best.stdout and "accuracy" in best.stdout
 
 

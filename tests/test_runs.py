@@ -617,7 +617,7 @@ def test_resume_reads_checkpoints_of_earlier_formats_and_refuses_a_newer_one(cli
     # a file a later version wrote: refused by its number, not misread
     again["format"] = 4
     torch.save(again, last)
-    newer = cli("run", config, "--resume", last, "train.epochs=4")
+    newer = cli_in_process("run", config, "--resume", last, "train.epochs=4")
     assert newer.code == 2 and "Traceback" not in newer.output
     assert "has format 4, and this version reads format 1, 2 or 3; it was written by a newer trainer: upgrade trainer" in newer.stderr
 
@@ -741,7 +741,7 @@ def remount_repaired(where: Path) -> None:
 
 
 @pytest.mark.parametrize("fault", ["full", "read-only"])
-def test_a_disk_that_fails_mid_run_fails_the_run_and_resume_works_once_it_is_back(cli, tmp_path, fault):
+def test_a_disk_that_fails_mid_run_fails_the_run_and_resume_works_once_it_is_back(cli_in_process, tmp_path, fault):
     with small_disk(tmp_path / "disk", "8m") if fault == "full" else ext4_disk(tmp_path / "disk") as disk_or_trigger:
         disk = tmp_path / "disk"
         proc, folder = start_run(disk)
@@ -763,7 +763,7 @@ def test_a_disk_that_fails_mid_run_fails_the_run_and_resume_works_once_it_is_bac
         last = torch_load(folder / "checkpoints" / "last.pt")  # the last good checkpoint
         assert not [p for p in folder.rglob("*.tmp")]  # no half-written temporaries
         more = f"train.max_steps={last['train_state']['step'] + 8}"
-        resumed = cli("resume", folder, more, "-q")
+        resumed = cli_in_process("resume", folder, more, "-q")
         assert resumed.code == 0, resumed.output
         assert json.loads((folder / "summary.json").read_text())["status"] == "completed"
 
