@@ -118,6 +118,7 @@ TargetArg = typer.Argument(..., help="A run folder or a checkpoint file", show_d
 BestOpt = typer.Option(False, "--best", help="Use the run folder's best.pt (the default when it exists)")
 LastOpt = typer.Option(False, "--last", help="Use the run folder's last.pt")
 DeviceOpt = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N, mps")
+PluginForceOpt = typer.Option(False, "--force", help="Go on with a plugin file that changed since the run")
 
 
 def _which(best: bool, last: bool) -> Optional[str]:
@@ -127,6 +128,13 @@ def _which(best: bool, last: bool) -> Optional[str]:
     if best and last:
         raise UsageError("--best and --last exclude each other")
     return "best" if best else "last" if last else None
+
+
+def _on_trained_run(target: Path, best: bool, last: bool, plugins: Optional[str], force: bool) -> Optional[str]:
+    """What eval, predict and export do first: the plugins the run needs, checked; the checkpoint --best/--last pick."""
+    which = _which(best, last)
+    _plugins(plugins, target if target.exists() else None, force)
+    return which
 
 
 def _plugins(option: Optional[str], run: Optional[Path] = None, force: bool = False) -> None:
@@ -250,7 +258,7 @@ def eval_(
     device: Optional[str] = DeviceOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as one JSON object"),
     plugins: Optional[str] = PluginsOpt,
-    force: bool = typer.Option(False, "--force", help="Go on with a plugin file that changed since the run"),
+    force: bool = PluginForceOpt,
 ) -> None:
     """Evaluate a saved model on its data and print its metrics."""
 
@@ -259,8 +267,7 @@ def eval_(
 
         from trainer.runs import evaluate_checkpoint
 
-        which = _which(best, last)
-        _plugins(plugins, target if target.exists() else None, force)
+        which = _on_trained_run(target, best, last, plugins, force)
         metrics = evaluate_checkpoint(target, split=split, which=which, device=device)
         if as_json:
             say(json.dumps(metrics))
@@ -505,8 +512,7 @@ def export(
     def action() -> None:
         from trainer.export import FORMATS, ExportMismatch, export_run
 
-        which = _which(best, last)
-        _plugins(plugins, target if target.exists() else None, force)
+        which = _on_trained_run(target, best, last, plugins, force)
         try:
             done = export_run(target, fmt=fmt, output=output, which=which, force=force)
         except ExportMismatch as err:  # the input was fine; the exporter's result is wrong
@@ -542,15 +548,14 @@ def predict(
     last: bool = LastOpt,
     device: Optional[str] = DeviceOpt,
     plugins: Optional[str] = PluginsOpt,
-    force: bool = typer.Option(False, "--force", help="Go on with a plugin file that changed since the run"),
+    force: bool = PluginForceOpt,
 ) -> None:
     """Predict with a saved model on new CSV rows or images, preprocessed as its training data were."""
 
     def action() -> None:
         from trainer.predict import describe, predict
 
-        which = _which(best, last)
-        _plugins(plugins, target if target.exists() else None, force)
+        which = _on_trained_run(target, best, last, plugins, force)
         result = predict(
             target, inputs, split=split, which=which, device=device,
             batch_size=batch_size, output=output, fmt=fmt, stream=sys.stdout,
