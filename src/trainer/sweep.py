@@ -929,22 +929,7 @@ def _run_workers(
     count = max(1, min(workers, pending)) if sweep.method != "tpe" else workers
     if pending == 0 and (sweep.method != "tpe" or _used_slots(study) >= (sweep.trials or 0)):
         return 0
-    threads = max(1, len(os.sched_getaffinity(0)) // count) if hasattr(os, "sched_getaffinity") else max(1, (os.cpu_count() or 1) // count)
-    env = dict(os.environ)
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # the cores split between the workers, unless set
-        env.setdefault(name, str(threads))
-    env.pop(STORAGE_ENV, None)
-    if storage:
-        env[STORAGE_ENV] = storage
-    from trainer.plugins import ENV_VAR, loaded
-
-    if loaded():  # the workers import the plugins this command did
-        env[ENV_VAR] = ",".join(entry["path"] for entry in loaded())
-    procs = []
-    for index in range(count):
-        mine = ",".join(str(n) for n in resume[index::count])
-        cmd = [sys.executable, "-m", "trainer.sweep", str(folder), str(index), mine, "force" if force else ""]
-        procs.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True))
+    procs = _start_workers(folder, count, resume, storage, force)
     received: list[int] = []
 
     def signal_all(signum: int) -> None:
@@ -983,6 +968,28 @@ def _run_workers(
         how += " (stopped by a signal sent to it alone)" if code in (130, 143) else ""
         raise TrainingFailed(f"sweep worker {died} {how}; run the same command again to go on where it stopped")
     return 0
+
+
+def _start_workers(folder: Path, count: int, resume: list[int], storage: str | None, force: bool) -> list[subprocess.Popen]:
+    """`count` worker processes, each in its own session, with the cores split between them and the
+    storage and plugins of this command; the interrupted trials dealt out among them."""
+    from trainer.plugins import ENV_VAR, loaded
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    env = dict(os.environ)
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # the cores split between the workers, unless set
+        env.setdefault(name, str(max(1, cores // count)))
+    env.pop(STORAGE_ENV, None)
+    if storage:
+        env[STORAGE_ENV] = storage
+    if loaded():  # the workers import the plugins this command did
+        env[ENV_VAR] = ",".join(entry["path"] for entry in loaded())
+    procs = []
+    for index in range(count):
+        mine = ",".join(str(n) for n in resume[index::count])
+        cmd = [sys.executable, "-m", "trainer.sweep", str(folder), str(index), mine, "force" if force else ""]
+        procs.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True))
+    return procs
 
 
 def trial_rows(study: Any, sweep: Sweep) -> list[dict[str, Any]]:
