@@ -48,6 +48,21 @@ class Tracker(Protocol):
     ) -> None: ...
 
 
+class Pictures(Protocol):
+    """What the loop shows of its model after validation (trainer.tracking.Pictures): called at epoch ends only."""
+
+    def observer(self, state: TrainState) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None:
+        """A callback for this epoch's validation batches, `(inputs, outputs, targets)`, or None when
+        it needs none; on every rank of a data-parallel run."""
+        ...
+
+    def validated(self, state: TrainState, *, trained: nn.Module, validated: nn.Module, dist: Collectives | None) -> None:
+        """After the epoch's validation (`state.val` is set): `trained` is the bare model (its
+        gradients are the last step's), `validated` the one validation ran (the EMA model with
+        train.ema); on every rank of a data-parallel run."""
+        ...
+
+
 class Collectives(Protocol):
     """What the loop needs in a data-parallel run (trainer.distributed.Distributed): in-place
     reductions over all ranks, called at log points and epoch ends only."""
@@ -298,10 +313,10 @@ def train_epoch(
 @torch.no_grad()
 def evaluate(
     model: nn.Module, batches: Batches, loss_fn: nn.Module, *, precision: Precision, classification: bool,
-    dist: Collectives | None = None,
+    dist: Collectives | None = None, observe: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> dict[str, float]:
     """Mean loss (weighted by batch size) and, for classification, accuracy over `batches`
-    (over every rank's share of them with `dist`)."""
+    (over every rank's share of them with `dist`); `observe(inputs, outputs, targets)` sees each batch."""
     model.eval()
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device)
@@ -315,6 +330,8 @@ def evaluate(
         loss_sum += loss.float() * targets.shape[0]
         if classification:
             correct += (outputs.argmax(dim=1) == targets).sum()
+        if observe is not None:
+            observe(inputs, outputs, targets)
         seen += targets.shape[0]
     if dist is not None:
         totals = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=device)])
@@ -340,11 +357,16 @@ def update_best(best: dict[str, float], metrics: dict[str, float]) -> set[str]:
 def validate_and_schedule(
     model: nn.Module, val_batches: Batches | None, loss_fn: nn.Module, state: TrainState, settings: LoopSettings, *,
     precision: Precision, scheduler: Any, tracker: Tracker | None, dist: Collectives | None,
+    pictures: Pictures | None = None, trained: nn.Module | None = None,
 ) -> None:
-    """The epoch end's validation pass (into `state.val`) and scheduler step."""
+    """The epoch end's validation pass (into `state.val`), its pictures, and scheduler step.
+    `model` is the one validated; `trained` the bare trained one, when that is another (EMA)."""
     state.val = {}
+    observe = pictures.observer(state) if pictures is not None else None
     if val_batches is not None and val_batches.num_samples > 0:  # the same on every rank, unlike len()
-        state.val = evaluate(model, val_batches, loss_fn, precision=precision, classification=settings.classification, dist=dist)
+        state.val = evaluate(
+            model, val_batches, loss_fn, precision=precision, classification=settings.classification, dist=dist, observe=observe
+        )  # fmt: skip
         model.train()  # back from eval(); `model` is the bare one under DDP, whose wrapper stays in train mode
         if tracker is not None:
             tracker.log_val(step=state.step, epoch=state.epoch, metrics=state.val)
@@ -354,6 +376,8 @@ def validate_and_schedule(
                     f"the validation {name} is not finite after epoch {state.epoch} ({value}); check the validation "
                     "data for extreme values (beyond float32's 3.4e38) or try a lower optimizer.lr"
                 )
+    if pictures is not None:
+        pictures.validated(state, trained=trained or model, validated=model, dist=dist)
     if scheduler is not None and settings.scheduler_interval == "epoch":
         if is_plateau(scheduler):
             scheduler.step(state.val.get("loss", state.train_loss))
@@ -377,6 +401,7 @@ def fit(
     after_step: Callable[[TrainState], None] | None = None,
     on_epoch_end: Callable[[TrainState, dict[str, float]], None] | None = None,
     dist: Collectives | None = None,
+    pictures: Pictures | None = None,
 ) -> TrainState:
     """Train for `settings.epochs` epochs or `settings.max_steps` steps, whichever comes first.
 
@@ -385,6 +410,7 @@ def fit(
     validation, with the epoch's `train_loss` and `val_*` metrics (the runner saves checkpoints
     in both). In a data-parallel run `model` is the DistributedDataParallel wrapper, the batches
     are this rank's shares, and `dist` averages the logged losses and metrics over the ranks.
+    `pictures` draws what validation saw (see `Pictures`).
     """
     state = state or TrainState()
     running = RunningLoss(state, next(model.parameters()).device, dist)
@@ -412,7 +438,7 @@ def fit(
             dist.sync_buffers(eval_model)  # one set of BatchNorm statistics for validation and checkpoints
         validate_and_schedule(
             eval_model, val_batches, loss_fn, state, settings,
-            precision=precision, scheduler=scheduler, tracker=tracker, dist=dist,
+            precision=precision, scheduler=scheduler, tracker=tracker, dist=dist, pictures=pictures,
         )  # fmt: skip
 
         # report, and the epoch-end hook
