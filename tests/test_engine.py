@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -11,7 +12,7 @@ from torch import nn
 
 from trainer.data import TensorBatches
 from trainer.device import resolve_precision
-from trainer.engine import LoopSettings, TrainState, evaluate, fit, seed_everything, update_best
+from trainer.engine import LoopSettings, TrainState, evaluate, fit, seed_everything, update_best, watch_monitor
 from trainer.errors import TrainingFailed
 
 FP32 = resolve_precision("fp32", torch.device("cpu"))
@@ -98,13 +99,13 @@ def test_a_checkpoint_between_log_points_holds_the_loss_sum_as_a_plain_tensor():
     batches = TensorBatches(x, y, batch_size=1, shuffle=False, seed=0)
     saved = io.BytesIO()
 
-    def after_step(state: TrainState) -> None:
+    def after_batch(state: TrainState) -> None:
         if state.step == 3:
             torch.save(state.to_dict(), saved)
 
     fit(
         model, batches, None, nn.MSELoss(), torch.optim.SGD(model.parameters(), lr=0.0),
-        LoopSettings(epochs=1, log_every=4), precision=FP32, after_step=after_step,
+        LoopSettings(epochs=1, log_every=4), precision=FP32, after_batch=after_batch,
     )  # fmt: skip
     saved.seek(0)
     running = torch.load(saved, weights_only=True)["running"]
@@ -342,3 +343,122 @@ def test_a_non_finite_validation_metric_fails_the_run_naming_the_epoch():
             precision=FP32, tracker=tracker,
         )  # fmt: skip
     assert len(tracker.val) == 1  # logged (as null in metrics.jsonl), then stopped
+
+
+# ---------------------------------------------------------------------------------------------
+# train.accumulate, train.early_stopping, train.ema
+
+
+def _mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 1))
+
+
+@pytest.mark.parametrize("accumulate", [2, 4])
+def test_accumulating_n_batches_of_b_steps_like_one_batch_of_n_times_b(accumulate):
+    # 44 samples: in batches of 4, 11 per epoch; with 4 accumulated the epoch's last step takes the
+    # 3 left over, as one batch of 16 leaves a batch of 12; the mean loss divides each by its count
+    runs = {}
+    for batch_size, n in ((4, accumulate), (4 * accumulate, 1)):
+        model = _mlp()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        batches = regression_data(n=44, batch_size=batch_size)
+        tracker = Recorder()
+        state = fit(
+            model, batches, None, nn.MSELoss(), optimizer, LoopSettings(epochs=3, log_every=1, accumulate=n),
+            precision=FP32, tracker=tracker,
+        )  # fmt: skip
+        runs[n] = (model, state, tracker)
+    (big, big_state, big_log), (small, small_state, small_log) = runs[1], runs[accumulate]
+    assert small_state.step == big_state.step == 3 * math.ceil(44 / (4 * accumulate))
+    for a, b in zip(small.parameters(), big.parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6)
+    # the logged loss of a step is the big batch's: the mean over the step's samples
+    assert [p["step"] for p in small_log.train] == [p["step"] for p in big_log.train]
+    assert [p["loss"] for p in small_log.train] == pytest.approx([p["loss"] for p in big_log.train], rel=1e-6)
+
+
+class CountsSyncs(nn.Module):
+    """DDP's no_sync switch on a plain model: which backward passes ran inside it."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module, self.synced = module, []
+        self._inside = False
+
+    def forward(self, x):
+        self.synced.append(not self._inside)
+        return self.module(x)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        self._inside = True
+        try:
+            yield
+        finally:
+            self._inside = False
+
+
+def test_under_ddp_only_the_stepping_batch_all_reduces_gradients():
+    # DistributedDataParallel reads no_sync() in its forward, and all-reduces in the backward that
+    # follows: 10 batches, 3 accumulated, so steps after batches 3, 6, 9 and the epoch's last
+    model = CountsSyncs(_mlp())
+    fit(
+        model, regression_data(n=40, batch_size=4), None, nn.MSELoss(), torch.optim.SGD(model.parameters(), lr=0.01),
+        LoopSettings(epochs=1, accumulate=3), precision=FP32,
+    )  # fmt: skip
+    assert model.synced == [i % 3 == 2 or i == 9 for i in range(10)]
+
+
+def test_early_stopping_counts_epochs_without_an_improvement_of_min_delta():
+    settings = LoopSettings(epochs=100, monitor="val_loss", mode="min", patience=2, min_delta=0.1)
+    state = TrainState()
+    stopped_after = None
+    for epoch, value in enumerate([1.0, 0.95, 0.85, 0.84, 0.83, 0.5], start=1):
+        state.epoch = epoch
+        watch_monitor(state, {"val_loss": value}, settings)
+        if state.stopped_early:
+            stopped_after = epoch
+            break
+    # 0.95 is no improvement by 0.1 on 1.0; 0.85 is; 0.84 and 0.83 are not on 0.85: stop after epoch 5,
+    # while best.pt follows every improvement, so it holds epoch 5
+    assert stopped_after == 5 and state.stale_epochs == 2 and state.patience_best == 0.85
+    assert state.best_epoch == 5 and state.best_checkpoint == 0.83
+
+
+@pytest.mark.parametrize("epochs,stopped", [(10, True), (3, False)])
+def test_a_run_that_stops_improving_ends_after_patience_epochs(epochs, stopped):
+    # lr 0: the loss never improves after epoch 1, so epochs 2 and 3 are the patience of 2; a budget
+    # that ends at epoch 3 anyway ends the run, not early stopping
+    model = nn.Linear(3, 1)
+    state = fit(
+        model, regression_data(), None, nn.MSELoss(), torch.optim.SGD(model.parameters(), lr=0.0),
+        LoopSettings(epochs=epochs, monitor="train_loss", patience=2), precision=FP32,
+    )  # fmt: skip
+    assert state.epoch == 3 and state.stopped_early is stopped and state.best_epoch == 1
+
+
+def test_ema_follows_every_step_and_validation_uses_it():
+    from trainer.build import averaged_model
+
+    model = _mlp()
+    ema = averaged_model(model, decay=0.8)
+    expected = [p.detach().clone() for p in model.parameters()]
+    steps = []
+
+    def after_batch(state: TrainState) -> None:  # the EMA by hand: the first step copies, then lerps
+        for average, param in zip(expected, model.parameters()):
+            average.copy_(param.detach() if not steps else 0.8 * average + 0.2 * param.detach())
+        steps.append(state.step)
+
+    val = regression_data(n=16, seed=1)
+    state = fit(
+        model, regression_data(), val, nn.MSELoss(), torch.optim.SGD(model.parameters(), lr=0.1),
+        LoopSettings(epochs=2), precision=FP32, after_batch=after_batch, ema=ema,
+    )  # fmt: skip
+    assert len(steps) == 10 and int(ema.n_averaged) == 10
+    for average, kept in zip(expected, ema.module.parameters()):
+        assert torch.allclose(average, kept, atol=1e-6)
+    assert not torch.equal(expected[0], model[0].weight)  # the trained weights moved on ahead
+    assert state.val == evaluate(ema.module, val, nn.MSELoss(), precision=FP32, classification=False)
+    assert state.val != evaluate(model, val, nn.MSELoss(), precision=FP32, classification=False)

@@ -44,6 +44,7 @@ class Built:
     scheduler: Any
     scaler: Any  # a GradScaler for fp16, else None
     settings: LoopSettings
+    ema: Any = None  # train.ema: a torch.optim.swa_utils.AveragedModel of `model`, else None
     rank: int = 0  # this process's place in a data-parallel run: the batches are its share
     world_size: int = 1
 
@@ -86,18 +87,40 @@ def build_run(
     optimizer = _component(
         "optimizer", config.optimizer.name, lambda: OPTIMIZERS.build(config.optimizer.name, model.parameters(), **config.optimizer.kwargs)
     )
-    epochs = _epochs(config, len(train_batches), info)
-    scheduler, interval = _build_scheduler(config, resolved, optimizer, epochs=epochs, steps_per_epoch=len(train_batches))
+    steps_per_epoch = LoopSettings(epochs=1, accumulate=config.train.accumulate).steps_per_epoch(len(train_batches))
+    epochs = _epochs(config, steps_per_epoch, info)
+    scheduler, interval = _build_scheduler(config, resolved, optimizer, epochs=epochs, steps_per_epoch=steps_per_epoch)
     _check_monitor(config, has_validation=val_batches is not None, task=info.task)
-    settings = LoopSettings(
-        epochs=epochs, max_steps=config.train.max_steps, log_every=config.train.log_every, grad_clip=config.train.grad_clip,
-        classification=info.task == "classification", scheduler_interval=interval,
-    )  # fmt: skip
+    settings = _loop_settings(config, epochs, interval, classification=info.task == "classification", has_validation=val_batches is not None)
     return Built(
         config=resolved, device=torch_device, device_reason=reason, precision=precision, info=info,
         train_batches=train_batches, val_batches=val_batches, model=model, loss_fn=loss_fn, optimizer=optimizer,
         scheduler=scheduler, scaler=precision.grad_scaler(), settings=settings, rank=rank, world_size=world_size,
+        ema=averaged_model(model, config.train.ema.decay) if config.train.ema else None,
     )  # fmt: skip
+
+
+def _loop_settings(config: Config, epochs: int | float, interval: str, *, classification: bool, has_validation: bool) -> LoopSettings:
+    """The loop's settings from `train`; by default the val loss is monitored, or the train loss
+    without validation (_check_monitor refuses an explicit val_* monitor then)."""
+    train = config.train
+    monitor = train.monitor or ("val_loss" if has_validation else "train_loss")
+    stopping = train.early_stopping
+    return LoopSettings(
+        epochs=epochs, max_steps=train.max_steps, log_every=train.log_every, grad_clip=train.grad_clip,
+        classification=classification, scheduler_interval=interval, accumulate=train.accumulate,
+        monitor=monitor, mode=train.mode or ("max" if "accuracy" in monitor else "min"),
+        patience=stopping.patience if stopping else None, min_delta=stopping.min_delta if stopping else 0.0,
+    )  # fmt: skip
+
+
+def averaged_model(model: nn.Module, decay: float) -> nn.Module:
+    """An exponential moving average of `model`'s weights, and of its buffers (BatchNorm's
+    statistics then match the averaged weights): a copy that `update_parameters(model)` moves
+    toward the model by 1 - `decay`, the first time all the way."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def _build_data(config: Config, resolved: Config, *, data_dir: Path | None, rank: int, world_size: int) -> tuple[Any, Any, DataInfo]:

@@ -264,6 +264,7 @@ def training_state(
         "optimizer": built.optimizer.state_dict(),
         "scheduler": built.scheduler.state_dict() if built.scheduler is not None else None,
         "scaler": built.scaler.state_dict() if built.scaler is not None else None,
+        "ema": built.ema.state_dict() if built.ema is not None else None,
         "train_state": state.to_dict(),
         # the data order is a pure function of these: epoch `epoch`'s permutation from `seed`,
         # resumed after `batch_in_epoch` batches; a data-parallel run shards that same permutation
@@ -284,6 +285,8 @@ def training_state(
     }
     if running_by_rank is not None:
         payload["running_by_rank"] = running_by_rank
+    if built.settings.between_steps(state, len(built.train_batches)):  # mid-accumulation: the gradients so far
+        payload["grads"] = [p.grad for p in built.model.parameters()]
     return payload
 
 
@@ -313,6 +316,10 @@ def restore(built: Any, payload: dict[str, Any], path: Path) -> Any:
             built.scheduler.load_state_dict(payload["scheduler"])
         if built.scaler is not None and payload.get("scaler") is not None:
             built.scaler.load_state_dict(payload["scaler"])
+        if built.ema is not None and payload.get("ema") is not None:
+            built.ema.load_state_dict(payload["ema"])
+        for param, grad in zip(built.model.parameters(), payload.get("grads") or []):
+            param.grad = grad.to(param.device) if grad is not None else None
         state = TrainState.from_dict(payload["train_state"])
         if built.world_size > 1:
             state.running = dict(payload["running_by_rank"][built.rank])
@@ -321,6 +328,15 @@ def restore(built: Any, payload: dict[str, Any], path: Path) -> Any:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UsageError(f"checkpoint '{path}' does not fit this config: {first}") from None
     return state
+
+
+def served_weights(payload: dict[str, Any]) -> dict[str, Any]:
+    """The weights a checkpoint's model is used with (eval, predict, export): the averaged ones of a
+    run with train.ema, which validation chose best.pt by; else the trained ones."""
+    averaged = payload.get("ema")
+    if not averaged:
+        return payload["model"]
+    return {key[len("module.") :]: value for key, value in averaged.items() if key.startswith("module.")}
 
 
 def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
@@ -364,10 +380,7 @@ class Checkpoints:
         self.check_folder = check_folder  # on rank 0 before each save: why the run folder cannot be written to, or None
         self.main = dist is None or dist.is_main
         train = built.config.train
-        # by default the val loss decides, or the train loss without validation (build_run refuses
-        # an explicit val_* monitor then)
-        self.monitor = train.monitor or ("val_loss" if built.val_batches is not None else "train_loss")
-        self.mode = train.mode or ("max" if "accuracy" in self.monitor else "min")
+        self.monitor, self.mode = built.settings.monitor, built.settings.mode
         self.interval_s = train.checkpoint_interval_s
         self.every_steps = train.checkpoint_every or 0
         self.config = built.config.model_dump(mode="json")
@@ -391,7 +404,7 @@ class Checkpoints:
     def epoch_end(self, state: Any, metrics: dict[str, float], *, save: bool) -> None:
         """Record the epoch's monitored metric; save last.pt (and best.pt) if `save`, else keep a
         copy of a new best epoch for the next save."""
-        is_best = self._record_best(state, metrics)
+        is_best = state.best_epoch == state.epoch  # the loop's watch_monitor
         if save:
             self.save(state, best=is_best)
         elif is_best:
@@ -426,6 +439,7 @@ class Checkpoints:
         payload["model"] = _copied(payload["model"], into=previous.get("model"))
         optimizer = payload["optimizer"]  # its param_groups are built anew; its state is the live one
         payload["optimizer"] = {**optimizer, "state": _copied(optimizer["state"], into=previous.get("optimizer", {}).get("state"))}
+        payload["ema"] = _copied(payload["ema"], into=previous.get("ema"))
         payload["scheduler"], payload["scaler"] = _copied(payload["scheduler"]), _copied(payload["scaler"])
         payload["rng"] = capture_torch_rng()
         return payload
@@ -475,17 +489,6 @@ class Checkpoints:
             error = self.dist.broadcast(error)  # every rank stops if rank 0 could not write
         if error:
             raise TrainingFailed(error)
-
-    def _record_best(self, state: Any, metrics: dict[str, float]) -> bool:
-        """Whether this epoch's monitored metric is the best so far; if so, remember its value."""
-        value = metrics.get(self.monitor)
-        if value is None:
-            return False
-        best = state.best_checkpoint
-        if best is None or (value > best if self.mode == "max" else value < best):
-            state.best_checkpoint = value
-            return True
-        return False
 
 
 def _read_run_id(env_json: Path) -> str | None:
@@ -586,7 +589,7 @@ def refuse_changed_run(saved: dict[str, Any], current: dict[str, Any], checkpoin
     The optimizer's and scheduler's restored states would silently override a changed lr or
     schedule, so those count as differences too.
     """
-    old, new = flatten({k: saved.get(k) for k in _RUN_DEFINING}), flatten({k: current.get(k) for k in _RUN_DEFINING})
+    old, new = _run_defining(saved), _run_defining(current)
     differences = []
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):
@@ -606,6 +609,17 @@ def refuse_changed_run(saved: dict[str, Any], current: dict[str, Any], checkpoin
             f"the config differs from the one checkpoint '{checkpoint}' was trained with:{listed}\n"
             "resuming would not continue the same run; pass --force to resume anyway"
         )
+
+
+def _run_defining(config: dict[str, Any]) -> dict[str, Any]:
+    """What defines a run, flat: its sections, and the training options that change what a step is
+    (an accumulation's gradients, the averaged weights); the budget and early stopping may change."""
+    train = config.get("train") or {}
+    return {
+        **flatten({k: config.get(k) for k in _RUN_DEFINING}),
+        "train.accumulate": train.get("accumulate", 1),  # checkpoints from before these options had neither
+        **flatten({"train.ema": train.get("ema")}),
+    }
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:

@@ -87,6 +87,30 @@ CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotun
 COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 
 
+class EarlyStopping(BaseModel):
+    """`train.early_stopping`: stop when `train.monitor` stops improving."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    patience: Int = Field(5, gt=0)  # epochs without improvement before the run stops
+    min_delta: Float = Field(0.0, ge=0)  # an improvement of the monitored metric by less than this does not count
+
+
+class EMA(BaseModel):
+    """`train.ema`: an exponential moving average of the weights, which validation and best.pt use."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    decay: Float = Field(0.999, gt=0, lt=1)  # per optimizer step: ema = decay * ema + (1 - decay) * weights
+
+
+def _switch(value: Any) -> Any:
+    """`true` turns a section on with its defaults, `false` off."""
+    if value is True:
+        return {}
+    return None if value is False else value
+
+
 class TrainConfig(BaseModel):
     """The training budget and loop settings."""
 
@@ -104,6 +128,9 @@ class TrainConfig(BaseModel):
     channels_last: bool = False  # false | true: channels-last model and 4-D inputs; image data (N, C, H, W) only
     cudnn_benchmark: bool = False  # false | true: torch.backends.cudnn.benchmark; CUDA only, not bit-exact
     tf32: bool = False  # false | true: TF32 matmuls and cuDNN convolutions; CUDA only; false: full fp32
+    early_stopping: Annotated[EarlyStopping | None, BeforeValidator(_switch)] = None  # {patience, min_delta} on `monitor`, or true; null: never stop early
+    accumulate: Int = Field(1, gt=0)  # batches per optimizer step: gradients of N batches summed, each loss divided by N
+    ema: Annotated[EMA | None, BeforeValidator(_switch)] = None  # {decay}, or true: validate and keep best.pt with averaged weights; null: none
 
     @field_validator("compile", mode="before")
     @classmethod
@@ -695,6 +722,18 @@ _SECTION_EXAMPLES = {
 }
 
 
+def _section_model(dotted: str) -> type[BaseModel]:
+    """The pydantic model of the config section at `dotted` ('' the top level, 'train.ema', ...)."""
+    model: type[BaseModel] = Config
+    for part in filter(None, dotted.split(".")):
+        annotation = model.model_fields[part].annotation
+        members = [annotation, *get_args(annotation)]
+        while any(get_args(m) for m in members):  # Annotated[X | None, ...]
+            members = [a for m in members for a in (get_args(m) or [m])]
+        model = next(m for m in members if isinstance(m, type) and issubclass(m, BaseModel))
+    return model
+
+
 def _problem_from_pydantic(error: dict[str, Any], data: dict[str, Any]) -> Problem:
     loc = [str(p) for p in error["loc"]]
     # pydantic tags union members in the location (scheduler.SchedulerConfig...); keep the user's keys only
@@ -707,8 +746,8 @@ def _problem_from_pydantic(error: dict[str, Any], data: dict[str, Any]) -> Probl
         return Problem(key, "required key is missing")
     if kind == "extra_forbidden":
         parent, _, name = key.rpartition(".")
-        # only the top level and `train` forbid extra keys; component sections pass them to constructors
-        accepted = list((TrainConfig if parent == "train" else Config).model_fields)
+        # component sections pass extra keys to constructors; the others forbid them
+        accepted = list(_section_model(parent).model_fields)
         guess = close_match(name, accepted)
         hint = f"did you mean '{guess}'? " if guess else ""
         return Problem(key, f"unknown key '{name}'; {hint}accepted keys: {', '.join(accepted)}")

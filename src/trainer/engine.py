@@ -6,6 +6,7 @@ once at an epoch end and once per validation pass, never per step.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
@@ -87,6 +88,10 @@ class TrainState:
     best: dict[str, float] = field(default_factory=dict)  # best value of each metric so far
     running: dict[str, Any] = field(default_factory=dict)  # the loss sums between log points (see RunningLoss)
     best_checkpoint: float | None = None  # the monitored metric's value of the epoch best.pt holds
+    best_epoch: int | None = None  # the epoch best.pt holds (1-based)
+    patience_best: float | None = None  # early stopping: the monitored value that last improved by more than min_delta
+    stale_epochs: int = 0  # early stopping: epochs since then
+    stopped_early: bool = False  # early stopping ended the run
 
     def to_dict(self) -> dict[str, Any]:
         """Plain containers and tensors only, so a checkpoint loads with weights_only=True."""
@@ -94,7 +99,8 @@ class TrainState:
         return {
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "train_loss": self.train_loss, "val": dict(self.val), "best": dict(self.best),
-            "running": running, "best_checkpoint": self.best_checkpoint,
+            "running": running, "best_checkpoint": self.best_checkpoint, "best_epoch": self.best_epoch,
+            "patience_best": self.patience_best, "stale_epochs": self.stale_epochs, "stopped_early": self.stopped_early,
         }  # fmt: skip
 
     @classmethod
@@ -158,11 +164,11 @@ class RunningLoss:
         self.window_started = time.perf_counter()
         self.clipping = False  # whether pre-clip gradient norms are being collected
 
-    def add(self, loss: torch.Tensor, samples: int, grad_norm: torch.Tensor | None) -> None:
-        """Record one step: device ops only."""
+    def add(self, loss: torch.Tensor, samples: int, grad_norm: torch.Tensor | None, steps: int = 1) -> None:
+        """Record one batch (its loss, divided by the batches of its step) and the `steps` it ends: device ops only."""
         v = self.values
         v["pending"] += loss.detach()
-        v["pending_batches"] += 1
+        v["pending_batches"] += steps
         v["window_samples"] += samples
         if grad_norm is not None:
             self.clipping = True
@@ -232,15 +238,28 @@ class LoopSettings:
     grad_clip: float | None = None
     classification: bool = False
     scheduler_interval: str = "epoch"  # 'epoch' | 'step'
+    accumulate: int = 1  # batches per optimizer step
+    monitor: str = "val_loss"  # the metric best.pt and early stopping follow
+    mode: str = "min"  # 'min' | 'max': which way `monitor` improves
+    patience: int | None = None  # early stopping: epochs without improvement before the run stops; None: never
+    min_delta: float = 0.0  # early stopping: an improvement smaller than this does not count
 
-    def last_step(self, steps_per_epoch: int) -> int:
+    def steps_per_epoch(self, batches: int) -> int:
+        """Optimizer steps in an epoch of `batches` batches: one per `accumulate`, and one for the rest."""
+        return -(-batches // self.accumulate)
+
+    def last_step(self, batches_per_epoch: int) -> int:
         """The optimizer step the run ends on: the epochs' worth, or max_steps if that comes first."""
-        steps = self.epochs * steps_per_epoch
+        steps = self.epochs * self.steps_per_epoch(batches_per_epoch)
         return steps if self.max_steps is None else min(steps, self.max_steps)
 
-    def done(self, state: TrainState, steps_per_epoch: int) -> bool:
-        """Whether `state` has reached the end of the run: its epochs, or its last step."""
-        return state.epoch >= self.epochs or state.step >= self.last_step(steps_per_epoch)
+    def done(self, state: TrainState, batches_per_epoch: int) -> bool:
+        """Whether `state` has reached the end of the run: its epochs, its last step, or early stopping."""
+        return state.stopped_early or state.epoch >= self.epochs or state.step >= self.last_step(batches_per_epoch)
+
+    def between_steps(self, state: TrainState, batches_per_epoch: int) -> bool:
+        """Whether the gradients hold batches not yet stepped on (an epoch's last batch always steps)."""
+        return state.batch_in_epoch % self.accumulate != 0 and state.batch_in_epoch < batches_per_epoch
 
 
 def seed_everything(seed: int) -> None:
@@ -253,6 +272,18 @@ def seed_everything(seed: int) -> None:
 def current_lr(optimizer: torch.optim.Optimizer) -> float:
     lr = optimizer.param_groups[0]["lr"]
     return float(lr) if not isinstance(lr, torch.Tensor) else lr.item()
+
+
+def forward_backward(
+    model: nn.Module, loss_fn: nn.Module, inputs: Any, targets: Any, *, precision: Precision, scaler: Any, share: int = 1
+) -> torch.Tensor:
+    """One batch's loss (divided by `share`, the batches its step sums) and its gradients."""
+    with precision.autocast():
+        loss = loss_fn(model(inputs), targets)
+    if share > 1:
+        loss = loss / share
+    scaler.scale(loss).backward()
+    return loss
 
 
 def train_epoch(
@@ -269,29 +300,51 @@ def train_epoch(
     scaler: Any,
     scheduler: Any = None,
     tracker: Tracker | None = None,
-    after_step: Callable[[TrainState], None] | None = None,
+    after_batch: Callable[[TrainState], None] | None = None,
+    update_ema: Callable[[], None] | None = None,
 ) -> None:
-    """Train over the rest of the current epoch (from `state.batch_in_epoch`) or until `last_step`."""
+    """Train over the rest of the current epoch (from `state.batch_in_epoch`) or until `last_step`.
+
+    With `settings.accumulate` N, each optimizer step sums the gradients of N batches (the epoch's
+    last step those left over), each batch's loss divided by their number; under DDP only the
+    stepping batch all-reduces them.
+    """
     if not model.training:  # validation puts it back itself: a walk over every module costs ~30 us an epoch
         model.train()
+    accumulate, num_batches = settings.accumulate, len(batches)
     for inputs, targets in batches.epoch(state.epoch, start_batch=state.batch_in_epoch):
-        # forward
-        with precision.autocast():
-            loss = loss_fn(model(inputs), targets)
+        position = state.batch_in_epoch % accumulate  # this batch's place among those of its step
+        state.batch_in_epoch += 1
+        steps = position == accumulate - 1 or state.batch_in_epoch == num_batches
 
-        # backward and step
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        # forward and backward (gradients add up until the step)
+        if position == 0:
+            optimizer.zero_grad(set_to_none=True)
+        # the mean over the step's batches, as one batch of all of them would give
+        share = min(accumulate, num_batches - state.batch_in_epoch + position + 1)
+        if steps or not hasattr(model, "no_sync"):
+            loss = forward_backward(model, loss_fn, inputs, targets, precision=precision, scaler=scaler, share=share)
+        else:
+            with model.no_sync():  # DDP: the stepping batch all-reduces the gradients' sum
+                loss = forward_backward(model, loss_fn, inputs, targets, precision=precision, scaler=scaler, share=share)
+        if not steps:
+            running.add(loss, targets.shape[0], None, steps=0)
+            if after_batch is not None:
+                after_batch(state)
+            continue
+
+        # step
         grad_norm = None
         if settings.grad_clip:
             scaler.unscale_(optimizer)
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         scaler.step(optimizer)
         scaler.update()
+        if update_ema is not None:
+            update_ema()
         if scheduler is not None and settings.scheduler_interval == "step":
             scheduler.step()
         state.step += 1
-        state.batch_in_epoch += 1
         running.add(loss, targets.shape[0], grad_norm)
 
         # log
@@ -299,13 +352,13 @@ def train_epoch(
             window = running.read_window()
             if tracker is not None:
                 tracker.log_train(
-                    step=state.step, epoch=state.epoch + 1, step_in_epoch=state.batch_in_epoch,
+                    step=state.step, epoch=state.epoch + 1, step_in_epoch=settings.steps_per_epoch(state.batch_in_epoch),
                     lr=current_lr(optimizer), **window,
                 )  # fmt: skip
 
         # checkpoints and stop requests (the runner's hook)
-        if after_step is not None:
-            after_step(state)
+        if after_batch is not None:
+            after_batch(state)
         if state.step >= last_step:
             break
 
@@ -398,54 +451,65 @@ def fit(
     scaler: Any = None,
     tracker: Tracker | None = None,
     state: TrainState | None = None,
-    after_step: Callable[[TrainState], None] | None = None,
+    after_batch: Callable[[TrainState], None] | None = None,
     on_epoch_end: Callable[[TrainState, dict[str, float]], None] | None = None,
     dist: Collectives | None = None,
     pictures: Pictures | None = None,
+    ema: Any = None,
 ) -> TrainState:
-    """Train for `settings.epochs` epochs or `settings.max_steps` steps, whichever comes first.
+    """Train for `settings.epochs` epochs or `settings.max_steps` steps, whichever comes first, or
+    until early stopping ends it.
 
-    A `state` from a checkpoint resumes where it stopped, mid-epoch included. `after_step(state)`
-    runs after every optimizer step and `on_epoch_end(state, metrics)` after each epoch's
-    validation, with the epoch's `train_loss` and `val_*` metrics (the runner saves checkpoints
-    in both). In a data-parallel run `model` is the DistributedDataParallel wrapper, the batches
-    are this rank's shares, and `dist` averages the logged losses and metrics over the ranks.
-    `pictures` draws what validation saw (see `Pictures`).
+    A `state` from a checkpoint resumes where it stopped, mid-epoch included. `after_batch(state)`
+    runs after every batch and `on_epoch_end(state, metrics)` after each epoch's validation, with
+    the epoch's `train_loss` and `val_*` metrics (the runner saves checkpoints in both). In a
+    data-parallel run `model` is the DistributedDataParallel wrapper, the batches are this rank's
+    shares, and `dist` averages the logged losses and metrics over the ranks. `pictures` draws what
+    validation saw (see `Pictures`). `ema`: a torch.optim.swa_utils.AveragedModel of the bare model,
+    updated after every optimizer step; validation (and so best.pt's choice) uses it.
     """
     state = state or TrainState()
     running = RunningLoss(state, next(model.parameters()).device, dist)
     scaler = scaler or torch.amp.GradScaler(precision.device_type, enabled=False)  # a no-op unless fp16
     # validation runs each rank's share through the bare model: DDP's forward would sync buffers
-    eval_model = model.module if dist is not None else model
-    steps_per_epoch = len(train_batches)
-    last_step = settings.last_step(steps_per_epoch)
-    while not settings.done(state, steps_per_epoch):
+    bare = model.module if dist is not None else model
+    eval_model = ema.module if ema is not None else bare
+    update_ema = functools.partial(ema.update_parameters, bare) if ema is not None else None
+    batches_per_epoch = len(train_batches)
+    last_step = settings.last_step(batches_per_epoch)
+    while not settings.done(state, batches_per_epoch):
         started = time.perf_counter()
         if tracker is not None:
-            tracker.epoch_started(epoch=state.epoch + 1, epochs=settings.epochs, steps=steps_per_epoch)
+            tracker.epoch_started(epoch=state.epoch + 1, epochs=settings.epochs, steps=settings.steps_per_epoch(batches_per_epoch))
 
         # train
         train_epoch(
             model, train_batches, loss_fn, optimizer, state, settings, precision=precision, running=running,
-            last_step=last_step, scaler=scaler, scheduler=scheduler, tracker=tracker, after_step=after_step,
+            last_step=last_step, scaler=scaler, scheduler=scheduler, tracker=tracker, after_batch=after_batch,
+            update_ema=update_ema,
         )  # fmt: skip
         state.train_loss = running.read_epoch()
         state.epoch += 1
         state.batch_in_epoch = 0
 
         # validate and schedule
-        if dist is not None:
-            dist.sync_buffers(eval_model)  # one set of BatchNorm statistics for validation and checkpoints
+        if dist is not None:  # one set of BatchNorm statistics for validation and checkpoints
+            dist.sync_buffers(bare)
+            if ema is not None:
+                dist.sync_buffers(ema.module)
         validate_and_schedule(
             eval_model, val_batches, loss_fn, state, settings,
-            precision=precision, scheduler=scheduler, tracker=tracker, dist=dist, pictures=pictures,
+            precision=precision, scheduler=scheduler, tracker=tracker, dist=dist, pictures=pictures, trained=bare,
         )  # fmt: skip
 
-        # report, and the epoch-end hook
+        # the best epochs, early stopping
         metrics = {f"val_{k}": v for k, v in state.val.items()}
         if state.train_loss is not None:
             metrics["train_loss"] = state.train_loss
         update_best(state.best, metrics)
+        watch_monitor(state, metrics, settings, budget_left=not settings.done(state, batches_per_epoch))
+
+        # report, and the epoch-end hook
         if tracker is not None:
             tracker.epoch_finished(
                 epoch=state.epoch, epochs=settings.epochs, step=state.step, train_loss=state.train_loss,
@@ -454,3 +518,28 @@ def fit(
         if on_epoch_end is not None:
             on_epoch_end(state, metrics)
     return state
+
+
+def improved(value: float, reference: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    """Whether `value` is better than `reference` (None: nothing yet) by more than `min_delta`."""
+    if reference is None:
+        return True
+    return value < reference - min_delta if mode == "min" else value > reference + min_delta
+
+
+def watch_monitor(state: TrainState, metrics: dict[str, float], settings: LoopSettings, *, budget_left: bool = True) -> None:
+    """Follow `settings.monitor` after an epoch: the best epoch (what best.pt holds) and, with
+    early stopping, the epochs since it last improved by more than min_delta; `stopped_early`
+    once they reach the patience before the budget ends."""
+    value = metrics.get(settings.monitor)
+    if value is None:
+        return
+    if improved(value, state.best_checkpoint, settings.mode):
+        state.best_checkpoint, state.best_epoch = value, state.epoch
+    if settings.patience is None:
+        return
+    if improved(value, state.patience_best, settings.mode, settings.min_delta):
+        state.patience_best, state.stale_epochs = value, 0
+    else:
+        state.stale_epochs += 1
+        state.stopped_early = state.stale_epochs >= settings.patience and budget_left

@@ -106,6 +106,7 @@ def _from_built(trained: Any) -> Loaded:
 def _model_only(path: Path, payload: dict[str, Any], device: str | None) -> Loaded:
     """The checkpoint's model from its config and weights, with its loss and precision; no data."""
     from trainer.build import build_model
+    from trainer.checkpoint import served_weights
     from trainer.components import LOSSES
     from trainer.config import ConfigError, config_from_dict
     from trainer.device import apply_backend_switches, resolve_device, resolve_precision
@@ -120,7 +121,7 @@ def _model_only(path: Path, payload: dict[str, Any], device: str | None) -> Load
     # not compiled: compiling costs more than a few batches of predictions save
     model = build_model(config, torch_device, compile=False)
     try:
-        model.load_state_dict(payload["model"])
+        model.load_state_dict(served_weights(payload))
     except (KeyError, RuntimeError) as err:
         raise UsageError(f"checkpoint '{path}' does not fit its model: {str(err).splitlines()[0]}") from None
     loss_fn = LOSSES.build(config.loss.name, **config.loss.kwargs)  # the config check built it once already

@@ -246,23 +246,30 @@ class RunResult:
 
 
 # a test aid: send this process SIGTERM (or the signal named after a colon) right after step K,
-# so the tests interrupt a run at an exact step through the real signal path; `K[:SIG]@R` sends
-# it in data-parallel rank R only; `K:wait` sends none but waits after step K until a signal
-# comes from outside (a minute at most), so a test can signal torchrun's agents before step K+1
+# so the tests interrupt a run at an exact step through the real signal path; `K+B` sends it B
+# batches later, mid-accumulation (train.accumulate > B); `K[:SIG]@R` sends it in data-parallel
+# rank R only; `K:wait` sends none but waits after step K until a signal comes from outside (a
+# minute at most), so a test can signal torchrun's agents before step K+1
 _STOP_AT_STEP = "TRAINER_STOP_AT_STEP"
 
 
-def _injected_stop(stop: StopRequests) -> Callable[[int], None]:
-    """The test aid as a per-step check (read once: the loop must not consult the environment each step)."""
+def _injected_stop(stop: StopRequests, accumulate: int) -> Callable[[Any, bool], None]:
+    """The test aid as a per-batch check of (state, between steps) (read once: the loop must not
+    consult the environment each step)."""
     spec, _, rank = os.environ.get(_STOP_AT_STEP, "").partition("@")
     at, _, name = spec.partition(":")
-    if not at.isdigit() or (rank and rank != os.environ.get("RANK", "0")):
-        return lambda step: None
-    target = int(at)
+    step, _, extra = at.partition("+")
+    if not step.isdigit() or not (extra or "0").isdigit() or (rank and rank != os.environ.get("RANK", "0")):
+        return lambda state, between: None
+    target, batches = int(step), int(extra or 0)
+
+    def due(state: Any, between: bool) -> bool:
+        return state.step == target and (between and state.batch_in_epoch % accumulate == batches if batches else not between)
+
     if name == "wait":
-        return lambda step: _wait_for_signal(stop) if step == target else None
+        return lambda state, between: _wait_for_signal(stop) if due(state, between) else None
     signum = getattr(signal, name or "SIGTERM")
-    return lambda step: os.kill(os.getpid(), signum) if step == target else None
+    return lambda state, between: os.kill(os.getpid(), signum) if due(state, between) else None
 
 
 def _wait_for_signal(stop: StopRequests) -> None:
@@ -474,6 +481,8 @@ def _open_resumed(
 
     _on_main(dist, lock)
     state = restore(built, payload, checkpoint)
+    if state.stopped_early and (built.settings.patience is None or state.stale_epochs < built.settings.patience):
+        state.stopped_early = False  # resumed with a larger patience (or none): it trains on
     recorded = _read_json(folder / "summary.json")
     if built.settings.done(state, len(built.train_batches)) and recorded.get("status") == "completed" and recorded.get("steps") == state.step:
         # a finished run resumed again (a script that re-runs --resume auto until done): leave it as it is;
@@ -606,12 +615,12 @@ def _train(run: ActiveRun) -> None:
     from trainer.errors import TrainingFailed
 
     built, settings, tracker, dist = run.built, run.built.settings, run.tracker, run.dist
-    steps_per_epoch = len(built.train_batches)
-    last_step = settings.last_step(steps_per_epoch)
+    batches_per_epoch = len(built.train_batches)
+    last_step = settings.last_step(batches_per_epoch)
     _report_start(run, last_step)
     check_folder = run.held.problem if run.held is not None else None
     checkpoints = run.checkpoints = Checkpoints(built, run.folder / "checkpoints", dist, check_folder=check_folder)
-    injected_stop = _injected_stop(run.stop)
+    injected_stop = _injected_stop(run.stop, settings.accumulate)
 
     def agreed(signum: int | None, save: bool = False) -> tuple[int | None, bool]:
         """The signal to stop on, and whether to save, agreed by all ranks (one all-reduce)."""
@@ -622,15 +631,16 @@ def _train(run: ActiveRun) -> None:
         both = dist.max(torch.tensor([signum or 0, int(save)], device=built.device))
         return int(both[0]) or None, bool(both[1])
 
-    def after_step(state: Any) -> None:
-        injected_stop(state.step)
+    def after_batch(state: Any) -> None:
+        between = settings.between_steps(state, batches_per_epoch)  # gradients accumulated, not yet stepped on
+        injected_stop(state, between)
         # at an epoch's last batch (or the run's) the epoch-end hook saves, after validation
-        if state.batch_in_epoch >= steps_per_epoch or state.step >= last_step:
+        if state.batch_in_epoch >= batches_per_epoch or state.step >= last_step:
             return
         signum = run.stop.signum
         if dist is not None:  # the ranks agree at log points only: all must stop after the same step
-            signum = agreed(signum)[0] if state.step % settings.log_every == 0 else None
-        if signum is not None or checkpoints.due(state.step):
+            signum = agreed(signum)[0] if not between and state.step % settings.log_every == 0 else None
+        if signum is not None or (not between and checkpoints.due(state.step)):
             tracker.flush()  # the files hold every point up to the checkpoint
             checkpoints.save(state)
         if signum is not None:
@@ -638,7 +648,7 @@ def _train(run: ActiveRun) -> None:
             raise Stopped(signum)
 
     def on_epoch_end(state: Any, metrics: dict[str, float]) -> None:
-        done = settings.done(state, steps_per_epoch)
+        done = settings.done(state, batches_per_epoch)
         signum, save = agreed(run.stop.signum, done or checkpoints.due())
         prune = run.on_epoch is not None and run.on_epoch(state, metrics) and not done  # the last epoch reports too
         if save or signum is not None or prune:
@@ -656,7 +666,7 @@ def _train(run: ActiveRun) -> None:
         distributed.wrap(built.model, built.device) if dist is not None else built.model,  # DDP shares built.model
         built.train_batches, built.val_batches, built.loss_fn, built.optimizer, settings,
         precision=built.precision, scheduler=built.scheduler, scaler=built.scaler, tracker=tracker,
-        state=run.state, after_step=after_step, on_epoch_end=on_epoch_end, dist=dist,
+        state=run.state, after_batch=after_batch, on_epoch_end=on_epoch_end, dist=dist, ema=built.ema,
     )  # fmt: skip
     checkpoints.finish()
     if dist is not None:
@@ -678,7 +688,8 @@ def _report_start(run: ActiveRun, last_step: int) -> None:
         name=built.config.name, run_dir=run.folder, device=str(built.device), device_reason=built.device_reason,
         model=built.config.model.name, num_params=count_parameters(built.model),
         data=f"{built.config.data.name}: {describe_data(built.info)}", epochs=built.settings.epochs,
-        steps_per_epoch=len(built.train_batches), total_steps=last_step, batch_size=built.config.data.batch_size,
+        steps_per_epoch=built.settings.steps_per_epoch(len(built.train_batches)), total_steps=last_step,
+        batch_size=built.config.data.batch_size * built.settings.accumulate,
         processes=built.world_size,
     )  # fmt: skip
     if run.state.step:
@@ -704,6 +715,8 @@ def _record(run: ActiveRun, ended: Ended) -> dict[str, Any]:
     summary["train_time_s"] = round(now - run.fit_started, 4) if run.fit_started is not None else 0.0  # the loop alone
     if run.checkpoints is not None:  # best.pt's metric: what a sweep ranks its trials by
         summary["monitor"] = {"metric": run.checkpoints.monitor, "mode": run.checkpoints.mode, "best": _finite(run.state.best_checkpoint)}
+        summary["best_epoch"] = run.state.best_epoch  # the epoch best.pt holds
+        summary["stopped_early"] = run.state.stopped_early
     if run.dist is not None:
         summary["processes"] = {"world_size": run.dist.world_size, "parameters_sha256": run.digests}
     if run.main:
@@ -713,6 +726,8 @@ def _record(run: ActiveRun, ended: Ended) -> dict[str, Any]:
             status=ended.status, run_dir=run.folder, best=summary["best"], final=summary["final"],
             steps=summary["steps"], epochs=summary["epochs"], seconds=now - run.started,
         )  # fmt: skip
+        if run.state.stopped_early:
+            tracker.message(_stopped_early(run))
         if ended.status == "interrupted" and (run.folder / "checkpoints" / "last.pt").exists():
             tracker.message(f"resume with: {_resume_command(run)}")
         tracker.close()
@@ -723,6 +738,16 @@ def _record(run: ActiveRun, ended: Ended) -> dict[str, Any]:
     if run.dist is not None and ended.status != "failed":
         distributed.leave()  # after a failure the other ranks may be gone; torchrun ends this one
     return summary
+
+
+def _stopped_early(run: ActiveRun) -> str:
+    """Why early stopping ended the run, and which epoch best.pt holds."""
+    state, settings = run.state, run.built.settings
+    by = f" by more than {settings.min_delta:g}" if settings.min_delta else ""
+    return (
+        f"stopped early after epoch {state.epoch}: {settings.monitor} did not improve{by} for {plural(state.stale_epochs, 'epoch')} "
+        f"(train.early_stopping.patience={settings.patience}); best.pt holds epoch {state.best_epoch}"
+    )
 
 
 def _resume_command(run: ActiveRun) -> str:
@@ -777,6 +802,12 @@ def _nothing_to_train(folder: Path, state: Any, built: Any, saved_config: dict[s
     from trainer.checkpoint import SCHEDULE_LENGTHS, flatten
 
     train, settings = built.config.train, built.settings
+    if state.stopped_early:
+        return (
+            f"nothing to train: the run in '{folder}' stopped early after epoch {state.epoch} ({settings.monitor} did not "
+            f"improve for {plural(state.stale_epochs, 'epoch')}); its files are unchanged. To train on, resume with a "
+            f"larger patience: trainer resume {folder} train.early_stopping.patience={2 * (settings.patience or 1)}"
+        )
     given = [f"train.{k}={v}" for k, v in (("epochs", train.epochs), ("max_steps", train.max_steps)) if v is not None]
     budget = ", ".join(given) or f"train.epochs={settings.epochs}, the default"
     # every limit the run has reached must grow; without train.epochs the epochs follow max_steps
@@ -899,7 +930,7 @@ def checkpoint_of(target: Path, which: str | None = None) -> Path:
 def load_trained(target: Path, *, which: str | None = None, device: str | None = None) -> Trained:
     """The model saved in `target` (see `checkpoint_of`), built with its run's config and data."""
     from trainer.build import build_run
-    from trainer.checkpoint import trainer_checkpoint
+    from trainer.checkpoint import served_weights, trainer_checkpoint
     from trainer.config import ConfigError, config_from_dict
 
     path = checkpoint_of(target, which)
@@ -910,7 +941,7 @@ def load_trained(target: Path, *, which: str | None = None, device: str | None =
         raise UsageError(f"checkpoint '{path}' has no usable config: {err}") from None
     built = build_run(config, device=device, data_dir=started_in(path.parent.parent))
     try:
-        built.model.load_state_dict(payload["model"])
+        built.model.load_state_dict(served_weights(payload))
     except (KeyError, RuntimeError) as err:
         raise UsageError(f"checkpoint '{path}' does not fit its model: {str(err).splitlines()[0]}") from None
     return Trained(path, payload, built)
