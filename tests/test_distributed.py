@@ -244,6 +244,25 @@ def test_stop_at_step_k_and_resume_with_two_processes_equals_the_uninterrupted_r
     same_end(tmp_path / "cut", reference)
 
 
+def test_accumulation_in_two_processes_follows_the_big_batch_and_resumes_exactly(cli, write_config, tmp_path, reference):
+    # batches of 8 a process, 2 accumulated: the reference's global batch of 32 a step. The stop
+    # reaches rank 1 one batch after step 2, mid-accumulation; the ranks keep no per-rank
+    # gradients in a checkpoint, so they agree to stop where they next agree, after a step: the
+    # epoch's end after step 3 (log points, every 2 steps, come later)
+    config = write_config(STOPPABLE | {"data": STOPPABLE["data"] | {"batch_size": 8}, "train": STOPPABLE["train"] | {"accumulate": 2}})
+    whole = cli("run", config, "--nproc", "2", "--run-dir", tmp_path / "whole", env=LOOPBACK)
+    assert whole.code == 0, whole.stderr
+    follows(tmp_path / "whole", reference, steps=9)
+
+    cut = cli("run", config, "--nproc", "2", "--run-dir", tmp_path / "cut", env={**LOOPBACK, "TRAINER_STOP_AT_STEP": "2+1@1"})
+    assert cut.code == 143, cut.stderr
+    assert "stopped by SIGTERM after step 3" in cut.stderr
+    assert "grads" not in load(tmp_path / "cut" / "checkpoints" / "last.pt")
+    resumed = cli("resume", tmp_path / "cut", "--nproc", "2", env=LOOPBACK)
+    assert resumed.code == 0, resumed.stderr
+    same_end(tmp_path / "cut", tmp_path / "whole")
+
+
 BATCHNORM_PLUGIN = """
 from torch import nn
 

@@ -15,7 +15,7 @@ from conftest import start_run, tiny_config
 from test_cli import in_process
 from trainer.config import config_from_dict
 from trainer.errors import UsageError
-from trainer.runs import create_run_dir, environment, execute_run, started_in
+from trainer.runs import create_run_dir, environment, evaluate_checkpoint, execute_run, started_in
 
 
 @pytest.fixture
@@ -314,7 +314,7 @@ def _tensorboard(folder: Path) -> dict[str, list[tuple[int, float]]]:
 
     events = EventAccumulator(str(folder))
     events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in ("train/loss", "val/loss", "lr")}
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in ("train/loss", "val/loss", "train/lr")}
 
 
 def _assert_same_run(a: Path, b: Path) -> None:
@@ -322,8 +322,8 @@ def _assert_same_run(a: Path, b: Path) -> None:
 
     last_a = torch.load(a / "checkpoints" / "last.pt", weights_only=True)
     last_b = torch.load(b / "checkpoints" / "last.pt", weights_only=True)
-    for part in ("model", "optimizer", "scheduler"):
-        flat_a, flat_b = _flat_tensors(last_a[part] or {}), _flat_tensors(last_b[part] or {})
+    for part in ("model", "optimizer", "scheduler", "ema"):
+        flat_a, flat_b = _flat_tensors(last_a.get(part) or {}), _flat_tensors(last_b.get(part) or {})
         assert flat_a.keys() == flat_b.keys()
         for key in flat_a:
             assert torch.equal(flat_a[key], flat_b[key]), (part, key)
@@ -333,6 +333,7 @@ def _assert_same_run(a: Path, b: Path) -> None:
     summary_a = json.loads((a / "summary.json").read_text())
     summary_b = json.loads((b / "summary.json").read_text())
     assert summary_a["final"] == summary_b["final"] and summary_a["steps"] == summary_b["steps"]
+    assert summary_a.get("stopped_early") == summary_b.get("stopped_early") and summary_a.get("best_epoch") == summary_b.get("best_epoch")
 
 
 def _exactness_config(tmp_path: Path, data_path: str, scheduler: bool) -> Path:
@@ -385,6 +386,43 @@ def test_resume_is_bit_exact(cli, tmp_path, data_path, steps_per_epoch, schedule
         resumed = cli("resume", folder, "-q")
         assert resumed.code == 0, resumed.output
         _assert_same_run(tmp_path / "full", folder)
+
+
+def test_a_run_stopped_mid_accumulation_resumes_into_the_same_early_stop_and_averaged_weights(cli, tmp_path):
+    # 5 batches an epoch, 2 to a step: steps of 2, 2 and 1 batches; the validation is the EMA
+    # model's; early stopping ends the run after epoch 3 (no later epoch improves by 1e9). The stop
+    # comes one batch after step 4, with a batch's gradients summed and not yet stepped on
+    config = _exactness_config(tmp_path, "memory", scheduler=False)
+    options = ("train.epochs=10", "train.accumulate=2", "train.ema.decay=0.9", "train.early_stopping.patience=2",
+               "train.early_stopping.min_delta=1e9")  # fmt: skip
+    full = cli("run", config, *options, "--run-dir", tmp_path / "full")
+    assert full.code == 0, full.output
+    summary = json.loads((tmp_path / "full" / "summary.json").read_text())
+    assert (summary["stopped_early"], summary["epochs"], summary["steps"]) == (True, 3, 9) and 1 <= summary["best_epoch"] <= 3
+    assert "stopped early after epoch 3: val_loss did not improve by more than 1e+09 for 2 epochs" in full.stdout
+    # eval (as predict and export) uses the averaged weights that validation chose best.pt by
+    evaluated = evaluate_checkpoint(tmp_path / "full", which="best")
+    assert evaluated["loss"] == pytest.approx(summary["monitor"]["best"], rel=1e-6)
+
+    folder = tmp_path / "stopped"
+    stopped = cli("run", config, *options, "--run-dir", folder, "-q", env={"TRAINER_STOP_AT_STEP": "4+1"})
+    assert stopped.code == 143, stopped.output
+    saved = torch_load(folder / "checkpoints" / "last.pt")
+    assert saved["train_state"]["step"] == 4 and saved["train_state"]["batch_in_epoch"] == 3
+    assert all(grad is not None for grad in saved["grads"]) and saved["ema"]["n_averaged"] == 4
+    resumed = cli("resume", folder, "-q")
+    assert resumed.code == 0, resumed.output
+    _assert_same_run(tmp_path / "full", folder)
+
+    # a finished early-stopped run resumed again trains nothing, and says how to train on
+    again = cli("resume", folder)
+    assert again.code == 0 and "stopped early after epoch 3" in again.output
+    suggested = f"trainer resume {folder} train.early_stopping.patience=4"
+    assert suggested in again.output.replace("\n", " ")
+    longer = cli(*suggested.split()[1:], "-q")
+    assert longer.code == 0, longer.output
+    summary = json.loads((folder / "summary.json").read_text())
+    assert (summary["stopped_early"], summary["epochs"]) == (True, 5)  # 2 more epochs of patience
 
 
 def test_a_run_killed_outright_resumes_into_the_uninterrupted_run(cli, tmp_path):
