@@ -303,7 +303,7 @@ def validate(config: Path = ConfigArg, overrides: Optional[List[str]] = Override
             markup=False,
         )
         out.print(
-            f"  {built.settings.epochs} epochs x {len(built.train_batches)} steps"
+            f"  {built.settings.epochs} epochs x {built.settings.steps_per_epoch(len(built.train_batches))} steps"
             + (f", at most {built.settings.max_steps} steps" if built.settings.max_steps else ""),
             markup=False,
         )
