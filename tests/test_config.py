@@ -584,3 +584,24 @@ def test_a_base_name_the_system_cannot_open_is_a_problem_not_a_crash(tmp_path, v
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, f"extends: {value}\n"))
     assert str(caught.value.problems[0]).startswith("line 1, extends: cannot read base file ")
+
+
+def test_the_training_options_are_off_by_default_and_true_turns_one_on_with_its_defaults(tmp_path):
+    train = load_config(write(tmp_path, GOOD)).train
+    assert (train.early_stopping, train.accumulate, train.ema) == (None, 1, None)
+    train = load_config(write(tmp_path, GOOD), ["train.early_stopping=true", "train.ema=true", "train.accumulate=4"]).train
+    assert (train.early_stopping.patience, train.early_stopping.min_delta, train.ema.decay, train.accumulate) == (5, 0.0, 0.999, 4)
+    # a key of a section that is off turns it on with the other defaults
+    train = load_config(write(tmp_path, GOOD), ["train.ema.decay=0.9"]).train
+    assert train.ema.decay == 0.9 and train.early_stopping is None
+
+
+def test_a_training_option_written_wrong_is_located_with_its_choices(tmp_path):
+    text = GOOD + "train:\n  early_stopping: {patience: 0, min_dlta: 0.1}\n  accumulate: 0\n  ema: {decay: 1.0}\n"
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    report = str(caught.value)
+    assert "line 7, train.early_stopping.min_dlta: unknown key 'min_dlta'; did you mean 'min_delta'? accepted keys: patience, min_delta" in report
+    assert "line 7, train.early_stopping.patience: input should be greater than 0; got 0" in report
+    assert "line 8, train.accumulate: input should be greater than 0; got 0" in report
+    assert "line 9, train.ema.decay: input should be less than 1; got 1.0" in report
