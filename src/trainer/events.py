@@ -1,6 +1,8 @@
-"""A TensorBoard event file written by hand: scalars, a purge marker for resumed runs, HParams.
+"""A TensorBoard event file written by hand: scalars, a purge marker for resumed runs, HParams,
+images, histograms and a model graph.
 
-TensorBoard's protos are imported when an :class:`EventFile` is made, not with this module.
+TensorBoard's protos are imported when an :class:`EventFile` is made (or first written to), not
+with this module.
 """
 
 from __future__ import annotations
@@ -125,6 +127,26 @@ class EventFile:
             plugin = SummaryMetadata.PluginData(plugin_name=_HPARAMS_PLUGIN, content=data.SerializeToString())
             value = self._Summary.Value(tag=tag, metadata=SummaryMetadata(plugin_data=plugin))
             self.add_summary(self._Summary(value=[value]), step)
+
+    def add_image(self, tag: str, png: bytes, *, width: int, height: int, step: int) -> None:
+        """One PNG image (RGB, `width` x `height` pixels) for TensorBoard's Images tab, as
+        ``SummaryWriter.add_image`` writes it (a ``Summary.Image`` value)."""
+        image = self._Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=png)
+        self.add_summary(self._Summary(value=[self._Summary.Value(tag=tag, image=image)]), step)
+
+    def add_histograms(self, histograms: dict[str, dict[str, Any]], step: int) -> None:
+        """Histograms of one step as one event, for the Histograms and Distributions tabs: each a
+        dict of ``min, max, num, sum, sum_squares`` and ``bucket_limit`` (each bucket's right edge),
+        ``bucket`` (its count), the fields of TensorBoard's ``HistogramProto``."""
+        from tensorboard.compat.proto.summary_pb2 import HistogramProto
+
+        Value = self._Summary.Value
+        values = [Value(tag=tag, histo=HistogramProto(**fields)) for tag, fields in histograms.items()]
+        self.add_summary(self._Summary(value=values), step)
+
+    def add_graph(self, graph_def: bytes) -> None:
+        """A serialized ``GraphDef`` for the Graphs tab (TensorBoard shows the last one a run wrote)."""
+        self._write(self._Event(wall_time=time.time(), graph_def=graph_def))
 
     def flush(self) -> None:
         self._file.flush()
