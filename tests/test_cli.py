@@ -199,14 +199,14 @@ def test_tensorboard_events_hold_the_expected_tags_and_steps(seed_runs):
     events = EventAccumulator(str(folder))
     events.Reload()
     scalars = set(events.Tags()["scalars"])
-    assert {"train/loss", "val/loss", "val/accuracy", "lr", "samples_per_s"} <= scalars
+    assert {"train/loss", "val/loss", "val/accuracy", "train/lr", "train/samples_per_s"} <= scalars
     # 10 epochs of 23 steps (1437 samples / 64), a train point every 10 steps plus the last
     assert [e.step for e in events.Scalars("train/loss")] == [*range(10, 230, 10), 230]
     assert [e.step for e in events.Scalars("val/loss")] == list(range(23, 231, 23))
     accuracy = events.Scalars("val/accuracy")[-1].value
     assert accuracy == pytest.approx(summary(folder)["final"]["val_accuracy"], abs=1e-6)
     # the cosine schedule moved the learning rate down from 0.05
-    lrs = [e.value for e in events.Scalars("lr")]
+    lrs = [e.value for e in events.Scalars("train/lr")]
     assert lrs[0] == pytest.approx(0.05) and lrs[-1] < 0.01
     assert events.PluginTagToContent("hparams")  # the HParams tab has this run
 

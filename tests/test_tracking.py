@@ -76,7 +76,7 @@ def simulate(tracker: Tracker, run_dir: Path | None, epochs: int = 2, steps: int
     tracker.log_hparams(
         {"optimizer.lr": 0.05, "model.name": "lenet", "train.grad_clip": None, "data.batch_size": 64,
          "train.epochs": 2, "data.shuffle": True, "data.input_shape": [1, 32, 32]},
-        {"best/val_loss": 0.25, "best/val_accuracy": 0.92},
+        {"val_loss": 0.25, "val_accuracy": 0.92},
     )  # fmt: skip
     tracker.finished(
         status="completed", run_dir=run_dir, best={"val_loss": 0.25, "val_accuracy": 0.92},
@@ -155,18 +155,18 @@ def test_tensorboard_scalars_and_hparams_in_run_folder(tmp_path: Path) -> None:
 
     acc = accumulator(tmp_path)
     scalars = set(acc.Tags()["scalars"])
-    assert {"train/loss", "val/loss", "val/accuracy", "lr", "samples_per_s",
-            "best/val_loss", "best/val_accuracy"} <= scalars  # fmt: skip
+    assert {"train/loss", "val/loss", "val/accuracy", "train/lr", "train/samples_per_s",
+            "~best/val_loss", "~best/val_accuracy"} <= scalars  # fmt: skip
 
     def series(tag: str) -> list[tuple[int, float]]:
         return [(e.step, e.value) for e in acc.Scalars(tag)]
 
     assert series("train/loss") == [(s, pytest.approx(1.0 / s)) for s in (2, 4, 6, 8)]
-    assert series("lr") == [(s, pytest.approx(0.05)) for s in (2, 4, 6, 8)]
-    assert series("samples_per_s") == [(s, pytest.approx(1234.5)) for s in (2, 4, 6, 8)]
+    assert series("train/lr") == [(s, pytest.approx(0.05)) for s in (2, 4, 6, 8)]
+    assert series("train/samples_per_s") == [(s, pytest.approx(1234.5)) for s in (2, 4, 6, 8)]
     assert series("val/loss") == [(4, pytest.approx(0.5)), (8, pytest.approx(0.25))]
     assert series("val/accuracy") == [(4, pytest.approx(0.91)), (8, pytest.approx(0.92))]
-    assert series("best/val_loss") == [(8, pytest.approx(0.25))]
+    assert series("~best/val_loss") == [(8, pytest.approx(0.25))]
 
     from tensorboard.plugins.hparams import api_pb2, metadata
 
@@ -417,7 +417,7 @@ def test_logging_a_run_does_not_load_torch_tensorboard_or_its_tensor_utilities(t
         "import sys; from pathlib import Path; from trainer.tracking import Tracker\n"
         f"with Tracker(Path({str(tmp_path)!r}), quiet=True) as t:\n"
         "    t.log_train(step=1, epoch=1, step_in_epoch=1, loss=0.5, lr=0.1, samples_per_s=1.0)\n"
-        "    t.log_hparams({'optimizer.lr': 0.1}, {'best/train_loss': 0.5})\n"
+        "    t.log_hparams({'optimizer.lr': 0.1}, {'train_loss': 0.5})\n"
         "print([m for m in sys.modules if m.startswith(('torch.utils.tensorboard', 'tensorboard.util', 'boto3'))])\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -119,6 +119,8 @@ class TrainConfig(BaseModel):
     epochs: OptionalInt = Field(None, gt=0)  # passes over the training data; 10 when neither this nor max_steps is set
     max_steps: OptionalInt = Field(None, gt=0)  # optimizer steps; the run stops at whichever limit comes first
     log_every: Int = Field(10, gt=0)  # optimizer steps between train-loss points (console, TensorBoard, metrics.jsonl)
+    histograms_every: OptionalInt = Field(None, gt=0)  # epochs between TensorBoard histograms of the weights and their gradients; null: none
+    pictures: bool = True  # TensorBoard images of what validation saw (confusion matrix, mistakes, predictions), the model graph, confusion.csv
     grad_clip: OptionalFloat = Field(None, gt=0)  # max L2 norm of all gradients; null: no clipping
     checkpoint_interval_s: Float = Field(10.0, ge=0)  # seconds: an epoch end saves last.pt when this long has passed since the last save; 0: every epoch end
     checkpoint_every: OptionalInt = Field(None, gt=0)  # optimizer steps between saves of last.pt within epochs; null: none

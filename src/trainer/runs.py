@@ -613,6 +613,7 @@ def _train(run: ActiveRun) -> None:
     from trainer.checkpoint import Checkpoints
     from trainer.engine import fit
     from trainer.errors import TrainingFailed
+    from trainer.tracking import run_pictures
 
     built, settings, tracker, dist = run.built, run.built.settings, run.tracker, run.dist
     batches_per_epoch = len(built.train_batches)
@@ -667,6 +668,7 @@ def _train(run: ActiveRun) -> None:
         built.train_batches, built.val_batches, built.loss_fn, built.optimizer, settings,
         precision=built.precision, scheduler=built.scheduler, scaler=built.scaler, tracker=tracker,
         state=run.state, after_batch=after_batch, on_epoch_end=on_epoch_end, dist=dist, ema=built.ema,
+        pictures=run_pictures(built, tracker),
     )  # fmt: skip
     checkpoints.finish()
     if dist is not None:
@@ -706,7 +708,7 @@ def _record(run: ActiveRun, ended: Ended) -> dict[str, Any]:
     tracker = run.tracker
     try:  # the metric files first, so summary.json tells if they could not be written
         if ended.status in ("completed", "pruned"):
-            tracker.log_hparams(_hparams(run.built.config), {f"best/{k}": v for k, v in run.state.best.items()})
+            tracker.log_hparams(_hparams(run.built.config), run.state.best)
         tracker.flush()
     except (OSError, TrainingFailed) as err:  # the disk failed under them, or metrics.jsonl was deleted
         ended.failed_to_write(_cannot_write_files(run, err))

@@ -32,9 +32,14 @@ from trainer.console import ViewConsole
 from trainer.errors import TrainingFailed
 from trainer.events import EventFile
 
-__all__ = ["ConsoleOutput", "MetricFiles", "SweepView", "Tracker", "format_metric", "format_seconds"]
+__all__ = ["ConsoleOutput", "MetricFiles", "Pictures", "SweepView", "Tracker", "format_metric", "format_seconds", "run_pictures"]
 
 METRICS_FILE = "metrics.jsonl"
+CONFUSION_FILE = "confusion.csv"
+# TensorBoard's dashboards order tag groups (a tag's part before its first '/') by the tags' names,
+# with '/' and digits before letters; '~' sorts after every letter, so the groups read train, val,
+# then the run's best values, and the optional weight histograms before them
+TRAIN, VAL, BEST, WEIGHTS = "train", "val", "~best", "weights"
 _JSON = json.JSONEncoder(allow_nan=False)  # json.dumps(..., allow_nan=False) builds one per call
 
 # Short style names the rest of the project may pass to `message`.
@@ -461,6 +466,7 @@ class MetricFiles:
         self._points: list[tuple[Any, ...]] = []  # train points not yet written (see flush)
         self._last_step = 0
         self._closed = False
+        self.run_dir = Path(run_dir) if run_dir is not None else None
         if run_dir is None:
             return
         run_dir = Path(run_dir)
@@ -494,10 +500,10 @@ class MetricFiles:
         for step, epoch, loss, lr, samples_per_s, grad_norm, wall_time in points:
             record = {"step": step, "epoch": epoch, "split": "train", "loss": _json_number(loss), "lr": _json_number(lr),
                       "samples_per_s": _json_number(samples_per_s)}  # fmt: skip
-            scalars = {"train/loss": loss, "lr": lr, "samples_per_s": samples_per_s}
+            scalars = {f"{TRAIN}/loss": loss, f"{TRAIN}/lr": lr, f"{TRAIN}/samples_per_s": samples_per_s}
             if grad_norm is not None:
                 record["grad_norm"] = _json_number(grad_norm)
-                scalars["train/grad_norm"] = _as_float(grad_norm)
+                scalars[f"{TRAIN}/grad_norm"] = _as_float(grad_norm)
             record["time"] = round(wall_time, 3)
             self._write_json(record)
             self._add_scalars(scalars, step, wall_time)
@@ -526,8 +532,8 @@ class MetricFiles:
     def log_train(
         self, *, step: int, epoch: int, loss: float, lr: float, samples_per_s: float, grad_norm: float | None = None
     ) -> None:
-        """Record a train point: ``split: "train"`` in metrics.jsonl, ``train/loss``, ``lr``,
-        ``samples_per_s`` (and ``train/grad_norm``) in TensorBoard."""
+        """Record a train point: ``split: "train"`` in metrics.jsonl, ``train/loss``, ``train/lr``,
+        ``train/samples_per_s`` (and ``train/grad_norm``) in TensorBoard."""
         self._last_step = step
         if self._closed or (self._file is None and self._writer is None):
             return
@@ -547,7 +553,24 @@ class MetricFiles:
         record.update({k: _json_number(v) for k, v in metrics.items()})
         record["time"] = round(time.time(), 3)
         self._write_json(record)
-        self._add_scalars({f"val/{name}": value for name, value in metrics.items()}, step)
+        self._add_scalars({f"{VAL}/{name}": value for name, value in metrics.items()}, step)
+
+    def add_image(self, tag: str, picture: Any, step: int) -> None:
+        """A :class:`trainer.pictures.Picture` in TensorBoard's Images tab."""
+        if self._writer is not None and not self._closed:
+            self._write_points()  # the file stays in step order
+            self._writer.add_image(tag, picture.png, width=picture.width, height=picture.height, step=step)
+
+    def add_histograms(self, histograms: dict[str, dict[str, Any]], step: int) -> None:
+        """Histograms (see :meth:`trainer.events.EventFile.add_histograms`) as one event."""
+        if self._writer is not None and not self._closed and histograms:
+            self._write_points()
+            self._writer.add_histograms(histograms, step)
+
+    def add_graph(self, graph_def: bytes) -> None:
+        """The model's graph (a serialized ``GraphDef``) in TensorBoard's Graphs tab."""
+        if self._writer is not None and not self._closed:
+            self._writer.add_graph(graph_def)
 
     def epoch_finished(self, *, step: int) -> None:
         # by time, like log points: a run of one-step epochs must not pay two writes an epoch (the
@@ -556,11 +579,11 @@ class MetricFiles:
         if time.monotonic() - self._flushed > self.flush_secs:
             self.flush()
 
-    def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+    def log_hparams(self, hparams: dict[str, Any], best: dict[str, float]) -> None:
         """Fill TensorBoard's HParams tab in the run's own event file, at the last step logged.
 
-        ``metrics`` are tags such as ``best/val_loss``, also written as scalars so the HParams
-        table shows them. Only the session start/end summaries are written, not the experiment
+        ``best`` (``{"val_loss": ...}``) is written as scalars ``~best/val_loss``..., which the
+        HParams table shows as the run's metrics. Only the session start/end summaries are written, not the experiment
         summary: TensorBoard picks the experiment summary of one arbitrary run and would hide
         the hparams of runs with other keys, whereas without it the columns are the union over
         all runs under --logdir.
@@ -570,7 +593,7 @@ class MetricFiles:
         self._write_points()
         # in this run's own file: SummaryWriter.add_hparams writes a sub-folder, a second "run"
         self._writer.add_hparams(hparams, self._last_step)
-        self._add_scalars({str(k): v for k, v in metrics.items()}, self._last_step)
+        self._add_scalars({f"{BEST}/{k}": v for k, v in best.items()}, self._last_step)
         self.flush()
 
     def close(self) -> None:
@@ -588,6 +611,355 @@ class MetricFiles:
             finally:
                 if self._file is not None and not self._file.closed:
                     self._file.close()
+
+
+# --------------------------------------------------------------------------- pictures
+
+MISCLASSIFIED = 16  # images in the grid of mistakes: the most confident ones
+MAX_POINTS = 2000  # output values in a regression's picture
+COST_RATIO = 20  # pictures are drawn again once this many times their last drawing's cost has passed
+
+
+@contextlib.contextmanager
+def _random_state_kept(device: Any):
+    """Python's, NumPy's and torch's random states as they were before: a model run for a picture
+    must not move them, or a resumed run would no longer repeat the uninterrupted one."""
+    import random
+
+    import numpy as np
+    import torch
+
+    python, numpy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy)
+
+
+class Pictures:
+    """What validation saw, as pictures in TensorBoard: the loop's ``Pictures`` hook (see
+    :mod:`trainer.engine`), made by :func:`run_pictures`.
+
+    Classification: each validation counts the confusion matrix on the device (in a data-parallel
+    run every rank's share, summed by one all-reduce), kept for ``confusion.csv`` (:meth:`finish`);
+    on drawing epochs it is drawn (``val/confusion_matrix``), and for image data the most
+    confident mistakes too (``val/misclassified``). Regression: on drawing epochs the predictions
+    against the targets (``val/predictions``; without validation ``train/predictions``, from a
+    pass over the training data). The model's graph once, at the run's first epoch end (a
+    resumed run does not write it again), weight and gradient histograms every
+    `histograms_every` epochs.
+
+    Drawing epochs: this process's first, the run's last by its budget, and any other once
+    COST_RATIO times the last drawing's cost has passed since it ended, so pictures take at most
+    ~1/COST_RATIO of a run however short its epochs. Only the process that writes the files
+    (rank 0) collects and draws, from its own share of the data.
+    """
+
+    def __init__(
+        self, files: MetricFiles, output: ConsoleOutput, *, classification: bool, class_names: list[str],
+        input_shape: tuple[int, ...], target_shape: tuple[int, ...], device: Any, precision: Any,
+        train_batches: Any, has_validation: bool, draw: bool, histograms_every: int | None, is_last: Any,
+    ) -> None:  # fmt: skip
+        self.files, self.output = files, output
+        self.classification, self.names = classification, class_names
+        self.device, self.precision, self.train_batches = device, precision, train_batches
+        self.has_validation, self.histograms_every, self.is_last = has_validation, histograms_every, is_last
+        self.main = files.run_dir is not None  # the process that writes the run's files
+        self.graph = draw and self.main and files.tensorboard
+        self.draw = self.graph and (has_validation or not classification)  # a confusion matrix needs validation
+        self.count = draw and classification and has_validation  # on every rank: the all-reduce needs them all
+        self.world_size = 1
+        self.image_data = len(input_shape) == 3 and input_shape[0] in (1, 3)
+        self.against_input = input_shape == (1,) and target_shape in ((), (1,))  # x -> y, as the notebooks plotted
+        self.confusion: Any = None  # the last validation's counts (numpy), rows true, columns predicted
+        self._confusion_at = (0, 0)  # its epoch and step
+        self._confusion_drawn = False
+        self._counts: Any = None  # this validation's, on the device
+        self._drawing = False
+        self._last_drawn: float | None = None  # perf_counter time the last drawing ended
+        self._cost = 0.0  # seconds the last drawing took
+        self._seconds = 0.0  # collecting for this epoch's drawing
+        self._mistakes: list[tuple[Any, ...]] = []
+        self._values: list[tuple[Any, ...]] = []
+        self._kept = self._seen = 0  # regression values kept, samples seen
+        self._example: Any = None  # one input for the graph
+
+    # ----------------------------------------------------------------- the loop's calls
+
+    def observer(self, state: Any) -> Any:
+        """The callback for this epoch's validation batches, or None when it needs none."""
+        import torch
+
+        self._drawing = self.draw and self._due(state)
+        self._seconds, self._mistakes, self._values, self._kept, self._seen = 0.0, [], [], 0, 0
+        classes = len(self.names)
+        self._counts = torch.zeros(classes * classes, dtype=torch.long, device=self.device) if self.count else None
+        if self._counts is None and not (self._drawing and self.has_validation):
+            return None
+        return self._observe
+
+    def _due(self, state: Any) -> bool:
+        if self._last_drawn is None or self.is_last(state):
+            return True
+        return time.perf_counter() - self._last_drawn >= COST_RATIO * self._cost
+
+    def _observe(self, inputs: Any, outputs: Any, targets: Any) -> None:
+        started = time.perf_counter()
+        predicted = None
+        if self._counts is not None:
+            import torch
+
+            predicted = outputs.argmax(dim=1)
+            self._counts += torch.bincount((targets * len(self.names) + predicted).view(-1), minlength=self._counts.numel())
+        if not self._drawing:
+            return
+        if self._example is None:
+            self._example = inputs[:1].detach().clone()
+        if not self.classification:
+            self._keep_values(inputs, outputs, targets)
+        elif self.image_data and predicted is not None:
+            self._keep_mistakes(inputs, outputs, targets, predicted)
+        self._seconds += time.perf_counter() - started
+
+    def _keep_mistakes(self, inputs: Any, outputs: Any, targets: Any, predicted: Any) -> None:
+        """The batch's most confident mistakes (softmax of logits or of log-probabilities: the same)."""
+        wrong = (predicted != targets).nonzero().squeeze(1)
+        if wrong.numel() == 0:
+            return
+        confidence = outputs.index_select(0, wrong).float().softmax(dim=1).amax(dim=1)
+        if wrong.numel() > MISCLASSIFIED:
+            confidence, top = confidence.topk(MISCLASSIFIED)
+            wrong = wrong[top]
+        self._mistakes.append(
+            (confidence.cpu(), inputs.index_select(0, wrong).float().cpu(), targets[wrong].cpu(), predicted[wrong].cpu())
+        )
+
+    def _keep_values(self, inputs: Any, outputs: Any, targets: Any) -> None:
+        """The first MAX_POINTS output values and their targets (and one-feature inputs)."""
+        samples = targets.shape[0]
+        self._seen += samples
+        if self._kept >= MAX_POINTS:
+            return
+        outputs, targets = outputs.detach().float().reshape(samples, -1), targets.float().reshape(samples, -1)
+        take = min(samples, -(-(MAX_POINTS - self._kept) // max(1, outputs.shape[1])))
+        inputs = inputs[:take].float().reshape(take, -1).cpu() if self.against_input else None
+        self._values.append((outputs[:take].cpu(), targets[:take].cpu(), inputs))
+        self._kept += take * outputs.shape[1]
+
+    def validated(self, state: Any, *, trained: Any, validated: Any, dist: Any) -> None:
+        """After the epoch's validation: the confusion matrix summed over the ranks (on every
+        rank), then on rank 0 the graph, histograms and this epoch's pictures."""
+        if dist is not None:
+            self.world_size = dist.world_size
+        if self._counts is not None:
+            if dist is not None:
+                dist.sum(self._counts)
+            classes = len(self.names)
+            self.confusion = self._counts.view(classes, classes).cpu().numpy()
+            self._confusion_at, self._confusion_drawn, self._counts = (state.epoch, state.step), False, None
+        if not self.main:
+            return
+        if state.epoch == 1 and self.graph:
+            self._graph(trained)
+        if self.histograms_every and state.epoch % self.histograms_every == 0:
+            self._histograms(trained, state.step)
+        if self._drawing:
+            self._draw(state, validated)
+
+    def finish(self) -> None:
+        """At the run's end (rank 0): the last validation's confusion matrix drawn if it was not
+        (early stopping ends a run its budget did not), and written to confusion.csv."""
+        if not self.main or self.confusion is None:
+            return
+        if self.draw and not self._confusion_drawn:
+            self._safely(lambda: self._draw_confusion(*self._confusion_at))
+        write_confusion_csv(self.files.run_dir / CONFUSION_FILE, self.confusion, self.names)
+
+    # ----------------------------------------------------------------- drawing
+
+    def _draw(self, state: Any, model: Any) -> None:
+        from trainer import pictures
+
+        pictures.warm_up()  # Pillow's import and the glyphs, once: not a cost of each drawing
+        started = time.perf_counter()
+        if self.classification:
+            if self.confusion is not None and self._confusion_at == (state.epoch, state.step):
+                self._safely(lambda: self._draw_confusion(state.epoch, state.step))
+            if self._mistakes:
+                self._safely(lambda: self._draw_mistakes(state))
+        else:
+            if not self.has_validation:
+                self._training_pass(model)
+            if self._values:
+                self._safely(lambda: self._draw_values(state))
+        self._mistakes, self._values = [], []
+        self._cost = self._seconds + time.perf_counter() - started
+        self._last_drawn = time.perf_counter()
+
+    def _safely(self, draw: Any) -> None:
+        """Draw; a failure (not the disk's) turns the pictures off for the rest of the run with one
+        console line, and the run goes on."""
+        if not self.draw:
+            return
+        try:
+            draw()
+        except OSError:
+            raise
+        except Exception as err:
+            self.draw = False
+            self.output.message(f"pictures are off for the rest of the run: drawing one failed ({type(err).__name__}: {err})", "warning")
+
+    def _draw_confusion(self, epoch: int, step: int) -> None:
+        from trainer import pictures
+
+        right, total = int(self.confusion.trace()), int(self.confusion.sum())
+        share = f" ({right / total:.1%})" if total else ""
+        title = f"confusion matrix, epoch {epoch} (step {step}): {right:,} of {total:,} right{share}"
+        picture = pictures.confusion_matrix(self.confusion, self.names, title=title)
+        if picture is not None:
+            self.files.add_image(f"{VAL}/confusion_matrix", picture, step)
+        self._confusion_drawn = True
+
+    def _draw_mistakes(self, state: Any) -> None:
+        import torch
+
+        from trainer import pictures
+
+        confidence, images, truth, guess = (torch.cat(parts) for parts in zip(*self._mistakes))
+        confidence, top = confidence.topk(min(MISCLASSIFIED, len(confidence)))
+        wrong = int(self.confusion.sum() - self.confusion.trace()) if self.confusion is not None else len(confidence)
+        captions = [
+            (f"true: {self.names[t]}", f"pred: {self.names[g]} ({c:.0%})")
+            for c, t, g in zip(confidence.tolist(), truth[top].tolist(), guess[top].tolist())
+        ]
+        shown = f"the {len(top)} most confident of {wrong:,} mistakes" if wrong > len(top) else f"all {wrong:,}, the most confident first"
+        title = f"misclassified, epoch {state.epoch}: {shown}"
+        if self.world_size > 1:
+            title += " (from process 0's share)"
+        self.files.add_image(f"{VAL}/misclassified", pictures.image_grid(images[top].numpy(), captions, title=title), state.step)
+
+    def _draw_values(self, state: Any) -> None:
+        import torch
+
+        from trainer import pictures
+
+        outputs, targets = torch.cat([v[0] for v in self._values]), torch.cat([v[1] for v in self._values])
+        inputs = torch.cat([v[2] for v in self._values]).numpy() if self.against_input else None
+        split, tag = ("validation", VAL) if self.has_validation else ("training", TRAIN)
+        shown = len(outputs)
+        samples = f"{shown:,} {split} sample{'s' if shown != 1 else ''}"
+        if shown < self._seen:
+            samples = f"the first {shown:,} of {self._seen:,} {split} samples"
+        if self.world_size > 1:
+            samples += " of process 0's share"
+        title = f"predictions against targets, epoch {state.epoch}: {samples}"
+        picture = pictures.predictions_plot(outputs.numpy(), targets.numpy(), inputs=inputs, title=title)
+        self.files.add_image(f"{tag}/predictions", picture, state.step)
+
+    def _training_pass(self, model: Any) -> None:
+        """Predictions on the training data (a run without validation), as validation would make them."""
+        import torch
+
+        training = model.training
+        model.eval()
+        try:
+            with _random_state_kept(self.device), torch.no_grad():
+                for inputs, targets in self.train_batches.epoch(0):
+                    with self.precision.autocast():
+                        outputs = model(inputs)
+                    if self._example is None:
+                        self._example = inputs[:1].detach().clone()
+                    self._keep_values(inputs, outputs, targets)
+                    if self._kept >= MAX_POINTS:
+                        self._seen = max(self._seen, self.train_batches.num_samples)
+                        break
+        finally:
+            model.train(training)
+
+    # ----------------------------------------------------------------- graph and histograms
+
+    def _graph(self, model: Any) -> None:
+        """The model's graph, traced with torch.fx; a model it cannot trace gets one console line."""
+        import torch
+
+        from trainer import pictures
+
+        try:
+            if self._example is None:
+                with _random_state_kept(self.device):
+                    self._example = next(iter(self.train_batches.epoch(0)))[0][:1]
+            training = model.training
+            model.eval()
+            try:
+                with _random_state_kept(self.device), torch.no_grad():
+                    graph = pictures.model_graph(model, self._example)
+            finally:
+                model.train(training)
+        except Exception as err:
+            from trainer.errors import first_line
+
+            name = type(model).__name__
+            self.output.message(f"no model graph in TensorBoard: torch.fx cannot trace {name} ({first_line(err)}); the run goes on", "warning")
+            return
+        self.files.add_graph(graph)
+
+    def _histograms(self, model: Any, step: int) -> None:
+        """Each parameter's values and (when it has one) its last step's gradient."""
+        from trainer import pictures
+
+        histograms = {}
+        for name, parameter in model.named_parameters():
+            for tag, values in ((name, parameter), (f"{name}.grad", parameter.grad)):
+                found = pictures.histogram(values) if values is not None else None
+                if found is not None:
+                    histograms[f"{WEIGHTS}/{tag}"] = found
+        self.files.add_histograms(histograms, step)
+
+
+def write_confusion_csv(path: Path, counts: Any, names: list[str]) -> None:
+    """The confusion matrix as CSV, atomically: a header of predicted class names, then one row per
+    true class, its name first."""
+    import csv
+    import io
+
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["true \\ predicted", *names])
+    for name, row in zip(names, counts.tolist()):
+        writer.writerow([name, *row])
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with _naming(str(path)):
+            tmp.write_text(text.getvalue(), encoding="utf-8")
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def run_pictures(built: Any, tracker: Tracker) -> Pictures | None:
+    """The pictures of a built run (``train.pictures``, ``train.histograms_every``) for the loop's
+    `pictures` hook, attached to `tracker` (whose :meth:`Tracker.finished` writes confusion.csv);
+    None when both are off."""
+    train, info = built.config.train, built.info
+    if not train.pictures and not train.histograms_every:
+        return None
+    classification = info.task == "classification"
+    classes = info.num_classes or 0
+    names = (info.preprocess or {}).get("classes") if classification else None
+    if not (isinstance(names, list) and len(names) == classes):
+        names = [str(k) for k in range(classes)]
+    batches = len(built.train_batches)
+    pictures = Pictures(
+        tracker.files, tracker.output, classification=classification, class_names=[str(n) for n in names],
+        input_shape=tuple(info.input_shape), target_shape=tuple(info.target_shape), device=built.device,
+        precision=built.precision, train_batches=built.train_batches,
+        has_validation=built.val_batches is not None and built.val_batches.num_samples > 0, draw=train.pictures,
+        histograms_every=train.histograms_every, is_last=lambda state: built.settings.done(state, batches),
+    )  # fmt: skip
+    tracker.pictures = pictures
+    return pictures
 
 
 # --------------------------------------------------------------------------- the tracker
@@ -626,6 +998,7 @@ class Tracker:
             console, quiet=quiet, refresh_per_second=refresh_per_second, plain_interval=plain_interval, start_step=resume_step
         )
         self.files = MetricFiles(run_dir, tensorboard=tensorboard, jsonl=jsonl, resume_step=resume_step, flush_secs=flush_secs)
+        self.pictures: Pictures | None = None  # set by run_pictures: finished() writes its confusion.csv
 
     @property
     def console(self) -> Console:
@@ -677,9 +1050,9 @@ class Tracker:
         calls it before each checkpoint, so that a resumed run finds every point up to it."""
         self.files.flush()
 
-    def log_hparams(self, hparams: dict[str, float | int | str | bool | None], metrics: dict[str, float]) -> None:
-        """Fill TensorBoard's HParams tab: flattened config values and final metrics (see :meth:`MetricFiles.log_hparams`)."""
-        self.files.log_hparams(hparams, metrics)
+    def log_hparams(self, hparams: dict[str, float | int | str | bool | None], best: dict[str, float]) -> None:
+        """Fill TensorBoard's HParams tab: flattened config values and the best metrics (see :meth:`MetricFiles.log_hparams`)."""
+        self.files.log_hparams(hparams, best)
 
     def message(self, text: str, style: str | None = None) -> None:
         """Print one console line; ``quiet`` silences it unless ``style="error"``."""
@@ -689,7 +1062,10 @@ class Tracker:
         self, *, status: str, run_dir: Path | None, best: dict[str, float], final: dict[str, float], steps: int,
         epochs: int, seconds: float,
     ) -> None:
-        """Flush the files and report the end of the run (see :meth:`ConsoleOutput.finished`)."""
+        """Write confusion.csv (see :meth:`Pictures.finish`), flush the files and report the end of
+        the run (see :meth:`ConsoleOutput.finished`)."""
+        if self.pictures is not None:
+            self.pictures.finish()
         self.files.flush()
         hint = None
         if run_dir is not None and self.files.tensorboard:
