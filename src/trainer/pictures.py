@@ -297,7 +297,10 @@ def predictions_plot(
     target; or, given `inputs` (one feature), the targets (green points) and the predictions
     (an orange line) against the input, as the notebooks plotted their fitted lines."""
     font = _font()
-    number = lambda v: f"{v:.4g}"  # noqa: E731
+
+    def number(value: float) -> str:
+        return f"{value:.4g}"
+
     if inputs is None:
         xs, ys = targets.ravel(), predictions.ravel()
         x_range = y_range = _range(xs, ys)  # one scale: the diagonal is at 45 degrees

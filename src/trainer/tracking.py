@@ -706,6 +706,14 @@ class Pictures:
         return time.perf_counter() - self._last_drawn >= COST_RATIO * self._cost
 
     def _observe(self, inputs: Any, outputs: Any, targets: Any) -> None:
+        try:
+            self._look(inputs, outputs, targets)
+        except Exception as err:  # outputs or targets of a shape a plugin chose: the run goes on without pictures
+            self.count = self.draw = self._drawing = False  # alike on every rank: their batches are alike
+            self._counts = None
+            self.output.message(f"pictures are off for the rest of the run: {type(err).__name__}: {err}", "warning")
+
+    def _look(self, inputs: Any, outputs: Any, targets: Any) -> None:
         started = time.perf_counter()
         predicted = None
         if self._counts is not None:
@@ -735,6 +743,15 @@ class Pictures:
         self._mistakes.append(
             (confidence.cpu(), inputs.index_select(0, wrong).float().cpu(), targets[wrong].cpu(), predicted[wrong].cpu())
         )
+        if len(self._mistakes) > 4:  # only the most confident are drawn: memory stays that of a few batches
+            self._mistakes = [self._most_confident()]
+
+    def _most_confident(self) -> tuple[Any, ...]:
+        import torch
+
+        confidence, images, truth, guess = (torch.cat(parts) for parts in zip(*self._mistakes))
+        confidence, top = confidence.topk(min(MISCLASSIFIED, len(confidence)))
+        return confidence, images[top], truth[top], guess[top]
 
     def _keep_values(self, inputs: Any, outputs: Any, targets: Any) -> None:
         """The first MAX_POINTS output values and their targets (and one-feature inputs)."""
@@ -823,22 +840,19 @@ class Pictures:
         self._confusion_drawn = True
 
     def _draw_mistakes(self, state: Any) -> None:
-        import torch
-
         from trainer import pictures
 
-        confidence, images, truth, guess = (torch.cat(parts) for parts in zip(*self._mistakes))
-        confidence, top = confidence.topk(min(MISCLASSIFIED, len(confidence)))
+        confidence, images, truth, guess = self._most_confident()
         wrong = int(self.confusion.sum() - self.confusion.trace()) if self.confusion is not None else len(confidence)
         captions = [
             (f"true: {self.names[t]}", f"pred: {self.names[g]} ({c:.0%})")
-            for c, t, g in zip(confidence.tolist(), truth[top].tolist(), guess[top].tolist())
+            for c, t, g in zip(confidence.tolist(), truth.tolist(), guess.tolist())
         ]
-        shown = f"the {len(top)} most confident of {wrong:,} mistakes" if wrong > len(top) else f"all {wrong:,}, the most confident first"
+        shown = f"the {len(confidence)} most confident of {wrong:,} mistakes" if wrong > len(confidence) else f"all {wrong:,}, the most confident first"
         title = f"misclassified, epoch {state.epoch}: {shown}"
         if self.world_size > 1:
             title += " (from process 0's share)"
-        self.files.add_image(f"{VAL}/misclassified", pictures.image_grid(images[top].numpy(), captions, title=title), state.step)
+        self.files.add_image(f"{VAL}/misclassified", pictures.image_grid(images.numpy(), captions, title=title), state.step)
 
     def _draw_values(self, state: Any) -> None:
         import torch
