@@ -374,10 +374,9 @@ def stamp(
 
 
 def warm_up() -> None:
-    """Import Pillow and render the printable ASCII glyphs: once per process, before the first picture."""
-    font = _font()
-    for code in range(32, 127):
-        font.glyph(chr(code))
+    """Import Pillow and load its font (~40 ms, once per process), so that the first picture's
+    cost is a picture's."""
+    _font()
 
 
 # --------------------------------------------------------------------------- histograms and the graph

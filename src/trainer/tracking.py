@@ -799,7 +799,7 @@ class Pictures:
     def _draw(self, state: Any, model: Any) -> None:
         from trainer import pictures
 
-        pictures.warm_up()  # Pillow's import and the glyphs, once: not a cost of each drawing
+        pictures.warm_up()  # Pillow's import, once: not a cost of each drawing
         started = time.perf_counter()
         if self.classification:
             if self.confusion is not None and self._confusion_at == (state.epoch, state.step):
