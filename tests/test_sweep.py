@@ -9,14 +9,18 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from unittest import mock
 
 import optuna
 import pytest
 import torch
 import yaml
 from conftest import trainer_executable
+from test_cli import in_process
 
 from trainer import sweep as sweeps
+from trainer.config import load_config
+from trainer.runs import execute_run
 
 BASE = {
     "name": "tiny",
@@ -91,6 +95,18 @@ def start_sweep(cwd: Path, *args: str, env: dict[str, str] | None = None) -> sub
     )  # fmt: skip
 
 
+def sweep_in_process(cwd: Path, *args: str):
+    """`trainer sweep ARGS...` with the command in this process (Typer's CliRunner, see
+    test_cli.in_process) and its workers real processes, as the console script starts them.
+
+    For the calls whose command line a console-script call beside them or in another test makes (a
+    sweep set up, run again, gone on with; what the workers do): each saves a process start, the
+    torch and optuna imports and the first trial's check, ~7 s of CPU. Every refusal, failure and
+    signal a user meets stays with the console script."""
+    with mock.patch.dict(os.environ, QUICK):  # the workers' environment
+        return in_process("sweep", *args, cwd=cwd)
+
+
 # ---------------------------------------------------------------------------------------------- crash and resume
 
 
@@ -115,12 +131,16 @@ def test_a_grid_killed_mid_trial_finishes_as_if_never_stopped(sweep_dir: Path, c
     assert [resumes(folder / f"trial-000{i}") for i in range(4)] == [0, 1, 0, 0]
     assert (folder / "best.yaml").is_file() and again.stdout.strip().splitlines()[-1] == str(Path("runs") / "grid")
 
-    # the interrupted trial ends with the parameters of the same trial never interrupted
-    alone = cli(
-        "run", "base.yaml", "optimizer.lr=0.01", "train.max_steps=12", "train.monitor=val_accuracy", "train.mode=max",
-        "--run-dir", "alone", env=QUICK,
-    )  # fmt: skip
-    assert alone.code == 0, alone.output
+    # the interrupted trial ends with the parameters of the same trial never interrupted (trained in
+    # this process, on one thread as the worker was: the weights are compared bit for bit)
+    overrides = ["optimizer.lr=0.01", "train.max_steps=12", "train.monitor=val_accuracy", "train.mode=max"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = execute_run(load_config(sweep_dir / "base.yaml", overrides), run_dir=sweep_dir / "alone", quiet=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert alone.exit_code == 0, alone.error
     resumed, uninterrupted = model_weights(folder / "trial-0001/checkpoints/last.pt"), model_weights(sweep_dir / "alone/checkpoints/last.pt")
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
@@ -139,7 +159,7 @@ def test_sigterm_stops_the_workers_resumably(sweep_dir: Path, cli) -> None:
     assert "run the same command again" in err
     assert "RUNNING" in states(study_of(sweep_dir, "grid"))
 
-    again = cli("sweep", "grid.yaml", "--workers", "2", env=QUICK)
+    again = sweep_in_process(sweep_dir, "grid.yaml", "--workers", "2")  # the console script's resume: the test above
     assert again.code == 0, again.output
     assert states(study_of(sweep_dir, "grid")) == ["COMPLETE"] * 4
 
@@ -161,7 +181,7 @@ def test_two_machines_share_one_sweep_on_a_postgresql_server(sweep_dir: Path, po
     assert len({(t.params["optimizer.lr"], t.params["seed"]) for t in trials}) == 4
     folders = [p.name for root in ("a", "b") for p in (sweep_dir / root / "grid").glob("trial-*")]
     assert sorted(folders) == [f"trial-000{i}" for i in range(4)]  # each trial trained on one machine only
-    again = cli("sweep", "grid.yaml", "--storage", url, "--runs-root", "a", env=QUICK)
+    again = sweep_in_process(sweep_dir, "grid.yaml", "--storage", url, "--runs-root", "a")
     assert again.code == 0 and "running" not in again.stderr and "4 complete" in again.stderr
     assert len(optuna.load_study(study_name="grid", storage=url).get_trials()) == 4
     elsewhere = cli("sweep", "grid.yaml", "--runs-root", "a")  # without --storage it would start again from nothing
@@ -170,9 +190,9 @@ def test_two_machines_share_one_sweep_on_a_postgresql_server(sweep_dir: Path, po
     assert postgres_server.password not in recorded and "storage: postgresql://trainer:***@" in recorded
 
 
-def test_two_workers_never_run_the_same_cell(sweep_dir: Path, cli) -> None:
+def test_two_workers_never_run_the_same_cell(sweep_dir: Path) -> None:
     write(sweep_dir, "six.yaml", {**GRID, "set": {"train.max_steps": 3}, "parameters": {"optimizer.lr": [0.01, 0.02, 0.03], "seed": [1, 2]}})
-    result = cli("sweep", "six.yaml", "--workers", "2", env=QUICK)
+    result = sweep_in_process(sweep_dir, "six.yaml", "--workers", "2")  # the console script's --workers 2: SIGTERM's test
     assert result.code == 0, result.output
     trials = study_of(sweep_dir, "six").get_trials()
     cells = [(t.params["optimizer.lr"], t.params["seed"]) for t in trials]
@@ -198,7 +218,7 @@ def test_a_worker_stopped_alone_ends_the_sweep_unfinished(sweep_dir: Path, cli) 
     assert stopped.code == 1, stopped.output
     assert "sweep worker 0 ended with exit code 143 (stopped by a signal sent to it alone)" in stopped.stderr
     assert states(study_of(sweep_dir, "grid")) == ["RUNNING", "WAITING"]
-    again = cli("sweep", "grid.yaml", env=QUICK)
+    again = sweep_in_process(sweep_dir, "grid.yaml")
     assert again.code == 0 and states(study_of(sweep_dir, "grid")) == ["COMPLETE", "COMPLETE"]
     assert resumes(sweep_dir / "runs" / "grid" / "trial-0000") == 1
 
@@ -211,17 +231,18 @@ def test_random_and_tpe_run_their_trials_once(sweep_dir: Path, cli) -> None:
     write(sweep_dir, "rnd.yaml", {"config": "base.yaml", "method": "random", "trials": 3, "parameters": space})
     write(sweep_dir, "tpe.yaml", {"config": "base.yaml", "method": "tpe", "trials": 2, "parameters": space})
     for name in ("rnd", "tpe"):
-        first = cli("sweep", f"{name}.yaml", env=QUICK)
+        # the random sweep through the console script; the rest through the same command in process
+        first = cli("sweep", "rnd.yaml", env=QUICK) if name == "rnd" else sweep_in_process(sweep_dir, "tpe.yaml")
         assert first.code == 0, first.output
         trials = study_of(sweep_dir, name).get_trials()
         assert len(trials) == (3 if name == "rnd" else 2) and {t.state.name for t in trials} == {"COMPLETE"}
         assert all(0.001 <= t.params["optimizer.lr"] <= 0.1 and 2 <= t.params["train.max_steps"] <= 4 for t in trials)
         assert first.stderr.count(" complete:") == len(trials)
-        again = cli("sweep", f"{name}.yaml", env=QUICK)  # done: nothing more runs
+        again = sweep_in_process(sweep_dir, f"{name}.yaml")  # done: nothing more runs
         assert again.code == 0 and " complete:" not in again.stderr and " running:" not in again.stderr
         assert len(study_of(sweep_dir, name).get_trials()) == len(trials)
     # more trials: the random draws so far stay, and one more runs
-    more = cli("sweep", "rnd.yaml", "--trials", "4", env=QUICK)
+    more = sweep_in_process(sweep_dir, "rnd.yaml", "--trials", "4")
     assert more.code == 0, more.output
     assert more.stderr.count(" complete:") == 1 and len(study_of(sweep_dir, "rnd").get_trials()) == 4
 
@@ -231,18 +252,18 @@ def test_failed_trials_are_listed_and_rerun_only_when_asked(sweep_dir: Path, cli
     first = cli("sweep", "nan.yaml", env=QUICK)
     assert first.code == 1, first.output
     assert "failed: trial-0001" in first.stderr and "not finite" in first.stderr
-    again = cli("sweep", "nan.yaml", env=QUICK)
+    again = sweep_in_process(sweep_dir, "nan.yaml")
     assert again.code == 1 and len(study_of(sweep_dir, "nan").get_trials()) == 2  # listed, not re-run
-    retry = cli("sweep", "nan.yaml", "--retry-failed", env=QUICK)
+    retry = sweep_in_process(sweep_dir, "nan.yaml", "--retry-failed")
     trials = study_of(sweep_dir, "nan").get_trials()
     assert len(trials) == 3 and trials[2].user_attrs["retry_of"] == 1 and trials[2].params == trials[1].params
     assert (sweep_dir / "runs" / "nan" / "trial-0002" / "summary.json").is_file()
     assert retry.code == 1  # it fails again, in its own folder
 
 
-def test_median_pruning_stops_a_hopeless_trial(sweep_dir: Path, cli) -> None:
+def test_median_pruning_stops_a_hopeless_trial(sweep_dir: Path) -> None:
     write(sweep_dir, "prune.yaml", {**GRID, "prune": "median", "set": {"train.epochs": 3}, "parameters": {"optimizer.lr": [0.1, 0.05, 1.0e-6]}})
-    result = cli("sweep", "prune.yaml", env=QUICK)
+    result = sweep_in_process(sweep_dir, "prune.yaml")  # the pruning is the workers'
     assert result.code == 0, result.output
     trials = study_of(sweep_dir, "prune").get_trials()
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
@@ -252,17 +273,17 @@ def test_median_pruning_stops_a_hopeless_trial(sweep_dir: Path, cli) -> None:
 
 def test_a_changed_sweep_file_is_refused_naming_the_keys(sweep_dir: Path, cli) -> None:
     write(sweep_dir, "grid.yaml", {**GRID, "set": {"train.max_steps": 2}, "parameters": {"optimizer.lr": [0.01, 0.1]}})
-    assert cli("sweep", "grid.yaml", env=QUICK).code == 0
+    assert sweep_in_process(sweep_dir, "grid.yaml").code == 0
     write(sweep_dir, "grid.yaml", {**GRID, "set": {"train.max_steps": 3}, "parameters": {"optimizer.lr": [0.01, 0.1]}})
     refused = cli("sweep", "grid.yaml", env=QUICK)
     assert refused.code == 2 and "Traceback" not in refused.output
     assert "set.train.max_steps (was 2, now 3)" in refused.stderr and "--force" in refused.stderr
-    forced = cli("sweep", "grid.yaml", "--force", env=QUICK)  # goes on: both cells are done already
+    forced = sweep_in_process(sweep_dir, "grid.yaml", "--force")  # goes on: both cells are done already
     assert forced.code == 0, forced.output
     assert len(study_of(sweep_dir, "grid").get_trials()) == 2
     # a grid's values are Optuna's choices for the parameter, which a study keeps: never changed, even forced
     write(sweep_dir, "grid.yaml", {**GRID, "set": {"train.max_steps": 3}, "parameters": {"optimizer.lr": [0.01, 0.2]}})
-    still = cli("sweep", "grid.yaml", "--force", env=QUICK)
+    still = sweep_in_process(sweep_dir, "grid.yaml", "--force")  # the refusal's path: the console script's above
     assert still.code == 2 and "parameters.optimizer.lr: a running sweep cannot change" in still.stderr
     assert len(study_of(sweep_dir, "grid").get_trials()) == 2
 
@@ -302,12 +323,13 @@ def test_a_parameter_that_is_not_a_config_key_gets_a_did_you_mean(sweep_dir: Pat
 
 
 def test_a_huge_grid_needs_a_cap(sweep_dir: Path, cli) -> None:
-    huge = {**GRID, "set": {"train.max_steps": 1}, "parameters": {"seed": {"int": [0, 199]}, "optimizer.lr": [0.1 * i for i in range(1, 101)]}}
+    # 20,000 cells; the file's check loads a trial config per listed value and range end, so few of those
+    huge = {**GRID, "set": {"train.max_steps": 1}, "parameters": {"seed": {"int": [0, 9999]}, "optimizer.lr": [0.1, 0.2]}}
     write(sweep_dir, "huge.yaml", huge)
     refused = cli("sweep", "huge.yaml")
     assert refused.code == 2 and "20,000 cells" in refused.stderr and "trials" in refused.stderr
     assert not (sweep_dir / "runs").exists()
-    capped = cli("sweep", "huge.yaml", "--trials", "2", env=QUICK)
+    capped = sweep_in_process(sweep_dir, "huge.yaml", "--trials", "2")
     assert capped.code == 0, capped.output
     assert len(study_of(sweep_dir, "huge").get_trials()) == 2
 
