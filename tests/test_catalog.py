@@ -1,5 +1,6 @@
-"""`trainer runs` and `trainer compare` on real run folders made by the real CLI (completed, failed,
-killed), a folder that is not a run, and synthetic folders for the many edge cases."""
+"""`trainer runs` and `trainer compare` on real run folders (completed and failed runs trained in
+process, one killed outright through the console script), a folder that is not a run, and synthetic
+folders for the many edge cases."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ import yaml
 from conftest import trainer_executable
 
 from trainer import catalog
+from trainer.config import load_config
 from trainer.errors import UsageError
+from trainer.runs import execute_run
 
 BASE = {
     "name": "tiny",
@@ -44,7 +47,11 @@ def made(tmp_path_factory):
     """A runs folder with the MADE runs (runs/tiny/<timestamp>), a sweep's trial nested a level
     deeper (a copy of `plain`), and two folders that are not runs. Made once per test session,
     not per xdist worker: the first worker makes it under a file lock, the others read its record.
-    Tests only read it; a test that changes a run copies it first."""
+    Tests only read it; a test that changes a run copies it first.
+
+    The runs that end by themselves train in this process, as `trainer run` does (execute_run):
+    what is tested here is reading their folders, and each process start costs a torch import. The
+    killed one is a real `trainer run` process, killed with SIGKILL."""
     from filelock import FileLock
 
     shared = tmp_path_factory.getbasetemp()
@@ -57,12 +64,17 @@ def made(tmp_path_factory):
             (work / "base.yaml").write_text(yaml.safe_dump(BASE, sort_keys=False))
             folders, outcomes = {}, {}
             for name, (overrides, env) in MADE.items():
-                proc = subprocess.run(
-                    [trainer_executable(), "run", "base.yaml", *overrides, "-q"], cwd=work, capture_output=True, text=True,
-                    timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **env},
-                )  # fmt: skip
-                outcomes[name] = [proc.returncode, proc.stderr]
-                folders[name] = proc.stdout.strip().splitlines()[-1] if name != "killed" else _newest(work / "runs" / "tiny")
+                if name == "killed":  # a real process, killed outright: its folder is the newest
+                    proc = subprocess.run(
+                        [trainer_executable(), "run", "base.yaml", *overrides, "-q"], cwd=work, capture_output=True, text=True,
+                        timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+                    )  # fmt: skip
+                    outcomes[name] = [proc.returncode, proc.stderr]
+                    folders[name] = _newest(work / "runs" / "tiny")
+                else:
+                    result = execute_run(load_config(work / "base.yaml", overrides), root=work / "runs", quiet=True)
+                    outcomes[name] = [result.exit_code, result.error]
+                    folders[name] = str(result.run_dir.relative_to(work))
             trial = work / "runs" / "mysweep" / "trial-0000"
             shutil.copytree(work / folders["plain"], trial)
             (work / "runs" / "mysweep" / "sweep.yaml").write_text("config: base.yaml\n")
