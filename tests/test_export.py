@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from conftest import CONFIGS, REPO, tiny_config, trainer_executable
-from trainer.config import config_from_dict, registries
+from trainer.config import config_from_dict, load_config, registries
 from trainer.errors import UsageError
 from trainer.export import ExportMismatch, export_module, export_run
 from trainer.runs import execute_run, load_trained
@@ -127,7 +127,8 @@ def python_without(folder: Path, *distributions: str) -> Path:
 
 
 def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "TRAINER_DEBUG")}
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "TRAINER_DEBUG")}
+    return {**clean, "OMP_NUM_THREADS": "1"}  # one thread, as the cli fixture's processes
 
 
 def files_in(folder: Path) -> list[str]:
@@ -251,7 +252,7 @@ def test_missing_onnx_packages_are_named_with_the_extra(tiny_runs, tmp_path, mon
 
 
 # ---------------------------------------------------------------------------------------------
-# the console script, on a real `trainer run` of LeNet on the digits
+# the console script, on a real run of LeNet on the digits
 
 
 class Shared:
@@ -261,8 +262,9 @@ class Shared:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
 
-    def once(self, key: str, *commands: list[str]) -> list[SimpleNamespace]:
-        """Run `trainer COMMAND` for each of `commands` in order, once: their exit codes and output."""
+    def once(self, key: str, *commands: list[str], prepare=None) -> list[SimpleNamespace]:
+        """Call `prepare(work folder)`, then run `trainer COMMAND` for each of `commands` in order,
+        once: their exit codes and output."""
         from filelock import FileLock
 
         work = self.folder / "export_cli"
@@ -270,11 +272,13 @@ class Shared:
         with FileLock(str(self.folder / f"export_{key}.lock")):
             if not record.exists():
                 work.mkdir(exist_ok=True)
+                if prepare is not None:
+                    prepare(work)
                 done = []
                 for command in commands:
                     proc = subprocess.run(
                         [trainer_executable(), *command], cwd=work, capture_output=True, text=True, timeout=600,
-                        env={**os.environ, "COLUMNS": "200"},
+                        env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"},  # one thread, as the cli fixture's
                     )  # fmt: skip
                     done.append({"code": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr})
                 record.write_text(json.dumps(done))
@@ -287,20 +291,25 @@ def shared(tmp_path_factory) -> Shared:
     return Shared(base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base)
 
 
+def train_lenet(work: Path) -> None:
+    """configs/lenet.yaml with train.max_steps=2 into work/lenet_run, trained in this process as
+    `trainer run` trains it: the exports of it are what the console script is tested on."""
+    result = execute_run(load_config(CONFIGS / "lenet.yaml", ["train.max_steps=2"]), run_dir=work / "lenet_run", quiet=True)
+    assert result.exit_code == 0, result.error
+
+
 @pytest.fixture
 def lenet_exports(shared):
-    """`trainer run configs/lenet.yaml train.max_steps=2`, then `trainer export` of it in each format
+    """LeNet on the digits for 2 steps (train_lenet), then `trainer export` of it in each format
     (pt2 by default, ONNX to --output, safetensors of --last): (run folder, {format: result})."""
-    results = shared.once(
+    exports = shared.once(
         "lenet",
-        ["run", str(CONFIGS / "lenet.yaml"), "train.max_steps=2", "--run-dir", "lenet_run", "-q"],
         ["export", "lenet_run"],
         ["export", "lenet_run", "--format", "onnx", "--output", "out/lenet.onnx"],
         ["export", "lenet_run", "--format", "safetensors", "--last"],
+        prepare=train_lenet,
     )
-    trained, *exports = results
-    assert trained.code == 0, trained.output
-    return trained.cwd / "lenet_run", dict(zip(FORMATS, exports))
+    return exports[0].cwd / "lenet_run", dict(zip(FORMATS, exports))
 
 
 def report_of(result) -> dict[str, str]:
