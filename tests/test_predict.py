@@ -2,7 +2,8 @@
 equal to `trainer eval` and to the model on the dataset's own samples; bad input refused whole.
 
 The runs are tiny (2-3 steps), trained in process once per module; the checks users meet go
-through the console script, the many small bad-input cases through Typer's CliRunner.
+through the console script (--split val: test_plugins), the many small bad-input cases and the eval
+that predictions are compared with through Typer's CliRunner.
 """
 
 from __future__ import annotations
@@ -11,17 +12,15 @@ import contextlib
 import csv
 import io
 import json
-import os
 import re
 import shutil
-import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from conftest import Result, trainer_executable
+from conftest import Result
 from datafiles import make_image_folder
 from PIL import Image
 
@@ -66,13 +65,11 @@ def csv_run(work):
 
 @pytest.fixture(scope="module")
 def csv_eval(csv_run, work):
-    """`trainer eval RUN --json` of the CSV run, through the console script."""
-    proc = subprocess.run(
-        [trainer_executable(), "eval", str(csv_run.run), "--json"], capture_output=True, text=True, cwd=work,
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    """`trainer eval RUN --json` of the CSV run, in process (what predict is compared with; eval's
+    console script is test_cli's)."""
+    result = invoke("eval", csv_run.run, "--json", cwd=work)
+    assert result.code == 0, result.stderr
+    return json.loads(result.stdout)
 
 
 @pytest.fixture(scope="module")
@@ -160,8 +157,9 @@ def test_csv_rows_with_shuffled_columns_equal_eval_without_the_training_csv(cli,
     assert accuracy == csv_eval["accuracy"]
 
 
-def test_split_val_equals_eval_and_the_rows_on_disk(cli, csv_run, csv_eval, tmp_path):
-    result = cli("predict", csv_run.run, "--split", "val", "--format", "jsonl")
+def test_split_val_equals_eval_and_the_rows_on_disk(csv_run, csv_eval, tmp_path):
+    # in process: test_plugins runs --split val through the console script
+    result = invoke("predict", csv_run.run, "--split", "val", "--format", "jsonl", cwd=tmp_path)
     assert result.code == 0, result.output
     assert metrics_of(result.stderr) == {"loss": csv_eval["loss"], "accuracy": csv_eval["accuracy"]}
     records = [json.loads(line) for line in result.stdout.splitlines()]
