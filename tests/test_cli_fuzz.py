@@ -233,6 +233,13 @@ VALUES = st.recursive(
     ),
     max_leaves=6,
 )
+# the strategies the draws below use, built once: hypothesis checks a strategy when it is first drawn
+# from, so one built anew at every draw is checked anew (a quarter of the generation's CPU)
+ANY_VALUE = st.one_of(SCALARS, SCALARS, SCALARS, VALUES)
+SCALAR_OR_PLAUSIBLE = st.one_of(SCALARS, PLAUSIBLE)
+OVERRIDE_TEXT = st.text(alphabet="abz.=~[]{}:,'\" -_019", max_size=14)
+DOTTED_PARTS = st.lists(KEYS.filter(lambda k: re.fullmatch(r"[A-Za-z_]\w*", k) is not None), min_size=1, max_size=3)
+OVERRIDE_RAW = st.one_of(st.just(None), st.just(None), INTERESTING_STRINGS, st.text(alphabet="az09.-e[]{}:, ", max_size=8))
 
 
 def _paths(node: Any, prefix: tuple = ()) -> list[tuple]:
@@ -311,7 +318,7 @@ def _value_for(draw: Any, path: tuple, old: Any = None, other_type: bool = False
         section = path[0] if len(path) == 2 and path[0] in COMPONENT_NAMES else None
         name = draw(st.sampled_from(COMPONENT_NAMES[section] if section else ALL_NAMES))
         return draw(typos(name)) if draw(st.sampled_from([False, False, False, True])) else name
-    strategy = st.one_of(SCALARS, SCALARS, SCALARS, VALUES)
+    strategy = ANY_VALUE
     if other_type:
         strategy = strategy.filter(lambda v: type(v) is not type(old) or (isinstance(v, dict) and v != old))
     return draw(strategy)
@@ -407,7 +414,7 @@ def mutated_configs(draw: Any) -> tuple[str, Any, list[str], list[str]]:
                 parent[key] = {inner: _value_for(draw, (*path, inner))}
                 path = (*path, inner)
             else:
-                parent[key] = _value_for(draw, path) if key == "name" else draw(st.one_of(SCALARS, PLAUSIBLE))
+                parent[key] = _value_for(draw, path) if key == "name" else draw(SCALAR_OR_PLAUSIBLE)
             steps.append(f"set {'.'.join(map(str, path))} = {_get(config, path)!r}")
     config = _bounded(config)
     overrides = [_bounded_override(o) for o in draw(st.lists(override_items(config), max_size=3))]
@@ -429,18 +436,18 @@ def override_items(draw: Any, config: Any) -> str:
     if kind == "malformed":
         return draw(MALFORMED_OVERRIDES)
     if kind == "text":
-        return draw(st.text(alphabet="abz.=~[]{}:,'\" -_019", max_size=14))
+        return draw(OVERRIDE_TEXT)
     keys = [p for p in _paths(config) if all(isinstance(k, str) for k in p)]
     if keys and draw(st.sampled_from([True, True, True, False])):
         path = draw(st.sampled_from(keys))
     else:
-        path = tuple(draw(st.lists(KEYS.filter(lambda k: re.fullmatch(r"[A-Za-z_]\w*", k) is not None), min_size=1, max_size=3)))
+        path = tuple(draw(DOTTED_PARTS))
     if draw(st.sampled_from([False, False, False, True])) and len(path) > 1:
         path = (*path[:-1], draw(typos(path[-1])))
     dotted = ".".join(path)
     if kind == "delete":
         return f"~{dotted}"
-    raw = draw(st.one_of(st.just(None), st.just(None), INTERESTING_STRINGS, st.text(alphabet="az09.-e[]{}:, ", max_size=8)))
+    raw = draw(OVERRIDE_RAW)
     return f"{dotted}={_flow(_value_for(draw, path)) if raw is None else raw}"
 
 
