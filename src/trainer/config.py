@@ -724,10 +724,10 @@ _SECTION_EXAMPLES = {
 }
 
 
-def _section_model(dotted: str) -> type[BaseModel]:
-    """The pydantic model of the config section at `dotted` ('' the top level, 'train.ema', ...)."""
+def _section_model(path: list[str]) -> type[BaseModel]:
+    """The pydantic model of the config section at `path` ([] the top level, ['train', 'ema'], ...)."""
     model: type[BaseModel] = Config
-    for part in filter(None, dotted.split(".")):
+    for part in path:
         annotation = model.model_fields[part].annotation
         members = [annotation, *get_args(annotation)]
         while any(get_args(m) for m in members):  # Annotated[X | None, ...]
@@ -747,9 +747,12 @@ def _problem_from_pydantic(error: dict[str, Any], data: dict[str, Any]) -> Probl
             return Problem(key, f"required section is missing; add e.g. `{_SECTION_EXAMPLES[loc[0]]}`")
         return Problem(key, "required key is missing")
     if kind == "extra_forbidden":
-        parent, _, name = key.rpartition(".")
+        # the key itself as written (it may look like a union tag: `Int`); the sections above it
+        name = str(error["loc"][-1])
+        section = loc[:-1] if loc and loc[-1] == name else loc
+        key = ".".join([*section, name])
         # component sections pass extra keys to constructors; the others forbid them
-        accepted = list(_section_model(parent).model_fields)
+        accepted = list(_section_model(section).model_fields)
         guess = close_match(name, accepted)
         hint = f"did you mean '{guess}'? " if guess else ""
         return Problem(key, f"unknown key '{name}'; {hint}accepted keys: {', '.join(accepted)}")
