@@ -275,9 +275,14 @@ def current_lr(optimizer: torch.optim.Optimizer) -> float:
 
 
 def forward_backward(
-    model: nn.Module, loss_fn: nn.Module, inputs: Any, targets: Any, *, precision: Precision, scaler: Any, share: int = 1
+    model: nn.Module, loss_fn: nn.Module, inputs: Any, targets: Any, *, precision: Precision, scaler: Any, share: int = 1,
+    sync: bool = True,
 ) -> torch.Tensor:
-    """One batch's loss (divided by `share`, the batches its step sums) and its gradients."""
+    """One batch's loss (divided by `share`, the batches its step sums) and its gradients; under
+    DDP, without `sync` the gradients are not all-reduced (DDP reads `no_sync()` in its forward)."""
+    if not sync and hasattr(model, "no_sync"):
+        with model.no_sync():
+            return forward_backward(model, loss_fn, inputs, targets, precision=precision, scaler=scaler, share=share)
     with precision.autocast():
         loss = loss_fn(model(inputs), targets)
     if share > 1:
@@ -322,11 +327,8 @@ def train_epoch(
             optimizer.zero_grad(set_to_none=True)
         # the mean over the step's batches, as one batch of all of them would give
         share = min(accumulate, num_batches - state.batch_in_epoch + position + 1)
-        if steps or not hasattr(model, "no_sync"):
-            loss = forward_backward(model, loss_fn, inputs, targets, precision=precision, scaler=scaler, share=share)
-        else:
-            with model.no_sync():  # DDP: the stepping batch all-reduces the gradients' sum
-                loss = forward_backward(model, loss_fn, inputs, targets, precision=precision, scaler=scaler, share=share)
+        # DDP: the stepping batch all-reduces the gradients' sum
+        loss = forward_backward(model, loss_fn, inputs, targets, precision=precision, scaler=scaler, share=share, sync=steps)
         if not steps:
             running.add(loss, targets.shape[0], None, steps=0)
             if after_batch is not None:
