@@ -504,3 +504,18 @@ def test_a_killed_run_loses_at_most_the_interval(tmp_path):
     proc.wait()
     # saves kept coming every half second or so while it trained: the newest is later than the first
     assert torch.load(last, weights_only=True)["train_state"]["step"] > first
+
+
+def test_a_resume_with_another_accumulation_or_ema_is_refused_and_older_checkpoints_are_not(tmp_path):
+    from trainer.checkpoint import refuse_changed_run
+
+    saved = {"seed": 0, "train": {"accumulate": 2, "ema": {"decay": 0.9}, "early_stopping": {"patience": 2}}}
+    changed = {"seed": 0, "train": {"accumulate": 4, "ema": None, "early_stopping": {"patience": 9}}}
+    with pytest.raises(UsageError) as caught:
+        refuse_changed_run(saved, changed, tmp_path / "last.pt", force=False)
+    message = str(caught.value)
+    assert "train.accumulate: 2 in the checkpoint, 4 now" in message and "train.ema.decay" in message
+    assert "early_stopping" not in message  # the patience may change on a resume
+    refuse_changed_run(saved, changed, tmp_path / "last.pt", force=True)
+    # a checkpoint from before these options has neither key: the defaults are no difference
+    refuse_changed_run({"seed": 0, "train": {}}, {"seed": 0, "train": {"accumulate": 1, "ema": None}}, tmp_path / "last.pt", force=False)
