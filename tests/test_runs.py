@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -770,6 +771,17 @@ def ext4_disk(where: Path):
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
+def wait_for_a_second_save(last: Path) -> None:
+    """Wait until `last` is replaced by the run's next save. A checkpoint's folder is fsynced after its
+    rename, in the background, so the file shows before it is durable; saves run in order, so once the
+    second is renamed the first is on disk, and an ext4 that errors now keeps one of the two."""
+    first = last.stat().st_ino
+    deadline = time.monotonic() + 120
+    while last.stat().st_ino == first:
+        assert time.monotonic() < deadline, "the run saved no second checkpoint in 120 s"
+        time.sleep(0.05)
+
+
 def remount_repaired(where: Path) -> None:
     """What an admin does once the disk is back: check it and mount it read-write again."""
     image = where.with_suffix(".img")
@@ -783,6 +795,8 @@ def test_a_disk_that_fails_mid_run_fails_the_run_and_resume_works_once_it_is_bac
     with small_disk(tmp_path / "disk", "8m") if fault == "full" else ext4_disk(tmp_path / "disk") as disk_or_trigger:
         disk = tmp_path / "disk"
         proc, folder = start_run(disk)
+        if fault == "read-only":  # only a committed save survives the error: wait for the next one to replace it
+            wait_for_a_second_save(folder / "checkpoints" / "last.pt")
         if fault == "full":  # another process fills the disk
             subprocess.run(["dd", "if=/dev/zero", f"of={disk / 'filler'}", "bs=64k"], capture_output=True)
         else:  # the filesystem turns read-only under the run
