@@ -9,7 +9,7 @@ import yaml
 
 import trainer.build
 from trainer.build import build_run, check_one_batch
-from trainer.config import config_from_dict
+from trainer.config import ConfigError, config_from_dict
 from trainer.engine import fit
 from trainer.errors import DeviceError, UsageError
 from trainer.runs import execute_run
@@ -58,6 +58,23 @@ def test_scheduler_length_is_filled_per_epoch_or_per_step():
     assert run.config.scheduler.kwargs["total_steps"] == 20 and run.settings.scheduler_interval == "step"
     run = built(scheduler={"name": "cosine", "interval": "step"}, train={"epochs": 5, "max_steps": 7})
     assert run.config.scheduler.kwargs["T_max"] == 7
+
+
+def test_built_for_a_trained_models_use_it_has_no_optimizer_and_the_same_resolved_config():
+    sections = {"scheduler": {"name": "one_cycle", "max_lr": 0.1}, "train": {"epochs": 5, "ema": True}}
+    training = built(**sections)
+    using = build_run(config_from_dict(tiny_config(**sections), training=False), training=False)
+    assert using.optimizer is None and using.scheduler is None and using.ema is None
+    assert training.optimizer is not None and training.scheduler is not None and training.ema is not None
+    assert using.config == training.config and using.config.scheduler.kwargs["total_steps"] == 20
+    assert using.settings == training.settings
+
+
+def test_a_trained_runs_config_is_not_refused_for_an_optimizer_it_will_not_build():
+    config = tiny_config(optimizer={"name": "sgd", "lr": -1.0})
+    with pytest.raises(ConfigError, match="optimizer.lr"):
+        config_from_dict(config)
+    assert config_from_dict(config, training=False).optimizer.kwargs == {"lr": -1.0}
 
 
 def test_epochs_and_max_steps_stop_at_whichever_comes_first():

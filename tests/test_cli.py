@@ -645,8 +645,9 @@ def test_schema_accepts_the_shipped_configs_and_catches_typos(cli):
 
 def test_eval_reproduces_the_runs_validation_metrics(seed_runs, cli):
     folder = _folder(seed_runs, "lenet.yaml")
-    result = cli("eval", folder, "--last", "--json")
+    result = cli("eval", folder, "--last", "--json", env={"PYTHONPROFILEIMPORTTIME": "1"})
     assert result.code == 0, result.output
+    assert "torch._dynamo" not in result.stderr  # no optimizer built: the first one imports it (~2 s)
     metrics = json.loads(result.stdout)
     final = summary(folder)["final"]
     assert metrics["loss"] == pytest.approx(final["val_loss"], rel=1e-6)

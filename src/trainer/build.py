@@ -40,7 +40,7 @@ class Built:
     val_batches: Any
     model: nn.Module
     loss_fn: nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | None  # None when built for a trained model's use (training=False)
     scheduler: Any
     scaler: Any  # a GradScaler for fp16, else None
     settings: LoopSettings
@@ -64,13 +64,15 @@ DATA_PATH_KEYS = ("path", "root")
 
 
 def build_run(
-    config: Config, *, device: str | None = None, rank: int = 0, world_size: int = 1, data_dir: Path | None = None
+    config: Config, *, device: str | None = None, rank: int = 0, world_size: int = 1, data_dir: Path | None = None,
+    training: bool = True,
 ) -> Built:
     """Seed, resolve the device, then build data, model, loss, optimizer and scheduler in that order.
 
     With `world_size` > 1 the batches are process `rank`'s share of every epoch (trainer.data.epoch_order).
     `data_dir`: the folder relative data paths are read from (default: the working folder); the
-    config keeps them as written.
+    config keeps them as written. `training=False` (eval, predict, export) builds no optimizer,
+    scheduler or EMA: the first torch optimizer a process builds imports torch._dynamo (~2 s).
     """
     seed_everything(config.seed)
     torch_device, reason = resolve_device(device or config.device)
@@ -84,19 +86,23 @@ def build_run(
     train_batches = train_batches.to(torch_device, channels_last=config.train.channels_last)
     val_batches = val_batches.to(torch_device, channels_last=config.train.channels_last) if val_batches is not None else None
     loss_fn = _component("loss", config.loss.name, lambda: LOSSES.build(config.loss.name, **config.loss.kwargs))
-    optimizer = _component(
-        "optimizer", config.optimizer.name, lambda: OPTIMIZERS.build(config.optimizer.name, model.parameters(), **config.optimizer.kwargs)
-    )
     steps_per_epoch = LoopSettings(epochs=1, accumulate=config.train.accumulate).steps_per_epoch(len(train_batches))
     epochs = _epochs(config, steps_per_epoch, info)
-    scheduler, interval = _build_scheduler(config, resolved, optimizer, epochs=epochs, steps_per_epoch=steps_per_epoch)
+    interval, fills = _schedule(config, resolved, epochs=epochs, steps_per_epoch=steps_per_epoch)
     _check_monitor(config, has_validation=val_batches is not None, task=info.task)
     settings = _loop_settings(config, epochs, interval, classification=info.task == "classification", has_validation=val_batches is not None)
+    optimizer = scheduler = ema = None
+    if training:
+        name = config.optimizer.name
+        optimizer = _component("optimizer", name, lambda: OPTIMIZERS.build(name, model.parameters(), **config.optimizer.kwargs))
+        if config.scheduler is not None:
+            sched = config.scheduler
+            scheduler = _component("scheduler", sched.name, lambda: SCHEDULERS.build(sched.name, optimizer, **{**sched.kwargs, **fills}))
+        ema = averaged_model(model, config.train.ema.decay) if config.train.ema else None
     return Built(
         config=resolved, device=torch_device, device_reason=reason, precision=precision, info=info,
         train_batches=train_batches, val_batches=val_batches, model=model, loss_fn=loss_fn, optimizer=optimizer,
-        scheduler=scheduler, scaler=precision.grad_scaler(), settings=settings, rank=rank, world_size=world_size,
-        ema=averaged_model(model, config.train.ema.decay) if config.train.ema else None,
+        scheduler=scheduler, scaler=precision.grad_scaler(), settings=settings, rank=rank, world_size=world_size, ema=ema,
     )  # fmt: skip
 
 
@@ -186,13 +192,11 @@ def _epochs(config: Config, steps_per_epoch: int, info: DataInfo) -> int | float
     return epochs
 
 
-def _build_scheduler(
-    config: Config, resolved: Config, optimizer: torch.optim.Optimizer, *, epochs: int | float, steps_per_epoch: int
-) -> tuple[Any, str]:
-    """The scheduler (or None) and when it steps; a schedule's length left out is filled from the budget."""
+def _schedule(config: Config, resolved: Config, *, epochs: int | float, steps_per_epoch: int) -> tuple[str, dict[str, Any]]:
+    """When the scheduler steps, and the schedule length it left out, filled from the budget (also into `resolved`)."""
     sched = config.scheduler
     if sched is None:
-        return None, "epoch"
+        return "epoch", {}
     interval = sched.interval or scheduler_interval(sched.name)
     if interval == "step" and SCHEDULERS.get(sched.name).name == "reduce_lr_on_plateau":
         raise UsageError(
@@ -205,8 +209,7 @@ def _build_scheduler(
     for key, value in fills.items():
         setattr(resolved.scheduler, key, value)
     resolved.scheduler.interval = interval
-    scheduler = _component("scheduler", sched.name, lambda: SCHEDULERS.build(sched.name, optimizer, **{**sched.kwargs, **fills}))
-    return scheduler, interval
+    return interval, fills
 
 
 def _check_monitor(config: Config, *, has_validation: bool, task: str) -> None:

@@ -672,9 +672,13 @@ def _other_component(dotted: str, old: dict[str, Any], new: dict[str, Any]) -> b
 
 def config_from_dict(
     data: dict[str, Any], *, source: str = "config", overrides: list[str] | None = None, lines: _LineMap | None = None,
-    original: dict[str, Any] | None = None, problems: list[Problem] | None = None,
+    original: dict[str, Any] | None = None, problems: list[Problem] | None = None, training: bool = True,
 ) -> Config:
-    """Check a config given as a dict (after YAML loading); raise ConfigError listing every problem."""
+    """Check a config given as a dict (after YAML loading); raise ConfigError listing every problem.
+
+    `training=False` (a trained run's config, for eval, predict and export) does not try the optimizer's
+    and scheduler's constructors: those commands never build them, and the first torch optimizer built
+    imports torch._dynamo (~2 s)."""
     lines = lines or _LineMap()
     # as the file has it: a constructor's refusal is pinned on the overrides that caused it
     original = _copy(data) if original is None else original
@@ -682,7 +686,7 @@ def config_from_dict(
     problems = list(lines.problems) + list(problems or [])  # keys the file gives twice
     problems += apply_overrides(data, overrides or [], lines)
     problems += _schema_problems(data)
-    problems += _component_problems(data, origin=lines.origin, original=original)
+    problems += _component_problems(data, origin=lines.origin, original=original, training=training)
     for problem in problems:
         if problem.override is None and problem.line is None:
             problem.file, problem.line, problem.override = lines.locate(problem.key)
@@ -766,7 +770,7 @@ def _problem_from_pydantic(error: dict[str, Any], data: dict[str, Any]) -> Probl
 
 
 def _component_problems(
-    data: dict[str, Any], origin: dict[str, str] | None = None, original: dict[str, Any] | None = None
+    data: dict[str, Any], origin: dict[str, str] | None = None, original: dict[str, Any] | None = None, training: bool = True
 ) -> list[Problem]:
     """Unknown component names, and constructor arguments a component does not take, lacks, or that its
     constructor refuses.
@@ -803,7 +807,7 @@ def _component_problems(
             problems.append(
                 Problem(f"{section}.{arg}", f"{entry.name}() needs argument '{arg}'; add `{arg}: ...` under {section}")
             )
-        if not arg_problems and not missing:
+        if not arg_problems and not missing and (training or section not in ("optimizer", "scheduler")):
             from trainer.components import constructor_problem
 
             refused = constructor_problem(section, name, coerced)

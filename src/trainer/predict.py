@@ -112,7 +112,7 @@ def _model_only(path: Path, payload: dict[str, Any], device: str | None) -> Load
     from trainer.device import apply_backend_switches, resolve_device, resolve_precision
 
     try:
-        config = config_from_dict(payload["config"], source=f"the config inside {path}")
+        config = config_from_dict(payload["config"], source=f"the config inside {path}", training=False)
     except (KeyError, ConfigError) as err:
         raise UsageError(f"checkpoint '{path}' has no usable config: {err}") from None
     torch_device, _ = resolve_device(device or config.device)

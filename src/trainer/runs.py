@@ -938,10 +938,10 @@ def load_trained(target: Path, *, which: str | None = None, device: str | None =
     path = checkpoint_of(target, which)
     payload = trainer_checkpoint(path)
     try:
-        config = config_from_dict(payload["config"], source=f"the config inside {path}")
+        config = config_from_dict(payload["config"], source=f"the config inside {path}", training=False)
     except (KeyError, ConfigError) as err:
         raise UsageError(f"checkpoint '{path}' has no usable config: {err}") from None
-    built = build_run(config, device=device, data_dir=started_in(path.parent.parent))
+    built = build_run(config, device=device, data_dir=started_in(path.parent.parent), training=False)
     try:
         built.model.load_state_dict(served_weights(payload))
     except (KeyError, RuntimeError) as err:
