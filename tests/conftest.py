@@ -101,17 +101,56 @@ def start_run(tmp_path: Path, *args: Any, env: dict[str, str] | None = None, **s
     path = tmp_path / "long.yaml"
     path.write_text(yaml.safe_dump(tiny_config(**sections)))
     folder = tmp_path / "run"
-    proc = subprocess.Popen(
-        [trainer_executable(), "run", str(path), "--run-dir", str(folder), *map(str, args)],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-    )  # fmt: skip
+    proc = start_trainer("run", path, "--run-dir", folder, *args, cwd=tmp_path, env=env)
     deadline = time.monotonic() + 120
     while not (folder / "checkpoints" / "last.pt").exists():
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "the run saved no checkpoint in 120 s"
         time.sleep(0.1)
     return proc, folder
+
+
+# a model whose forward takes a second when SLOW_FORWARD is set: a window in which a command that
+# uses a trained run (predict, export) is caught mid-write by a real signal
+SLOW_PLUGIN = """
+import os
+import time
+
+from torch import nn
+from trainer import register_model
+
+
+class SlowNet(nn.Linear):
+    def forward(self, x):
+        if os.environ.get("SLOW_FORWARD"):
+            time.sleep(1)
+        return super().forward(x)
+
+
+@register_model("slow_net", input_shape=(4,))
+def slow_net(in_features: int = 4, out_features: int = 2) -> nn.Module:
+    \"\"\"A linear layer whose forward sleeps a second when SLOW_FORWARD is set.\"\"\"
+    return SlowNet(in_features, out_features)
+"""
+
+
+def signal_when_written(proc: subprocess.Popen, folder: Path, pattern: str, signum: int) -> Path:
+    """Send `signum` to `proc` as soon as a file matching `pattern` shows in `folder`; that file."""
+    deadline = time.monotonic() + 120
+    while not (found := sorted(folder.glob(pattern))):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"no {pattern} in {folder} in 120 s"
+        time.sleep(0.01)
+    proc.send_signal(signum)
+    return found[0]
+
+
+def start_trainer(*args: Any, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`trainer ARGS...` started in a subprocess (text pipes), for a test to signal."""
+    return subprocess.Popen(
+        [trainer_executable(), *map(str, args)], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="session")

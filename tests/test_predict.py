@@ -14,13 +14,14 @@ import io
 import json
 import re
 import shutil
+import signal
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from conftest import Result
+from conftest import SLOW_PLUGIN, Result, signal_when_written, start_trainer, tiny_config
 from datafiles import make_image_folder
 from PIL import Image
 
@@ -353,3 +354,19 @@ def test_digit_files_on_disk_equal_the_embedded_digits(cli, digits_run, tmp_path
     got = torch.tensor([[r["probabilities"][str(d)] for d in range(10)] for r in records])
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
     assert [r["prediction"] for r in records] == [str(int(k)) for k in expected.argmax(1)]
+
+
+def test_a_closed_terminal_mid_prediction_leaves_no_output(cli, tmp_path, write_config):
+    (tmp_path / "slow.py").write_text(SLOW_PLUGIN)
+    config = write_config(tiny_config(model={"name": "slow_net"}, train={"epochs": 1}))
+    assert cli("run", config, "--plugins", "slow.py", "--run-dir", "run", "-q").code == 0
+    (tmp_path / "out").mkdir()
+    proc = start_trainer(
+        "predict", "run", "--split", "train", "-o", "out/predictions.csv", "--plugins", "slow.py",
+        cwd=tmp_path, env={"SLOW_FORWARD": "1"},  # a second a batch
+    )  # fmt: skip
+    signal_when_written(proc, tmp_path / "out", ".predictions.csv.*.tmp", signal.SIGHUP)  # what a closed terminal sends
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr  # taken as SIGTERM
+    assert stderr.strip().splitlines()[-1] == "stopped (SIGTERM); nothing was written" and stdout == ""
+    assert list((tmp_path / "out").iterdir()) == []

@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
-from conftest import start_run, tiny_config
+from conftest import start_run, tiny_config, trainer_executable
 from test_cli import in_process
 from trainer.config import config_from_dict
 from trainer.errors import UsageError
@@ -125,6 +126,49 @@ def test_a_signal_stops_the_run_cleanly_and_resume_completes(cli, tmp_path, sign
     assert resumed.code == 0, resumed.output
     assert not stale.exists()
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+
+
+def test_a_closed_terminal_stops_the_run_as_sigterm_does(tmp_path):
+    import pty
+    import select
+
+    config = tmp_path / "long.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(train={"epochs": 100000, "log_every": 1, "checkpoint_interval_s": 0})))
+    folder = tmp_path / "run"
+    trainer = trainer_executable()
+    pid, terminal = pty.fork()  # the run's own session, with the pseudo-terminal as its controlling terminal
+    if pid == 0:  # pragma: no cover - the child becomes the run
+        os.chdir(tmp_path)
+        os.execve(trainer, [trainer, "run", str(config), "--run-dir", str(folder)], {**os.environ, "OMP_NUM_THREADS": "1"})
+    shown = b""
+    deadline = time.monotonic() + 120
+    while not (folder / "checkpoints" / "last.pt").exists():  # reading what it shows, so it never waits on the terminal
+        assert time.monotonic() < deadline, shown.decode(errors="replace")
+        if select.select([terminal], [], [], 0.05)[0]:
+            shown += os.read(terminal, 65536)
+    assert b"epoch" in shown  # the live console, on a terminal
+    os.close(terminal)  # the terminal goes away: the kernel sends the run SIGHUP, and its writes fail from now on
+    while (waited := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        assert time.monotonic() < deadline, "the run went on after its terminal closed"
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(waited[1]) == 143  # as SIGTERM: it saved and stopped
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["error"].startswith("stopped by SIGTERM after step ")
+    assert torch_load(folder / "checkpoints" / "last.pt")["train_state"]["step"] == summary["steps"]
+
+
+def test_under_nohup_a_closed_terminal_leaves_the_run_training(tmp_path):
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup starts it: the run inherits the ignore
+    try:
+        proc, run_dir = start_run(tmp_path)
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    proc.send_signal(signal.SIGHUP)
+    wait_for_saves(run_dir / "checkpoints" / "last.pt", 3, alive=proc)  # a run taking it as a stop saves once and ends
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
 
 
 def test_a_signal_just_after_the_run_folder_is_made_still_leaves_a_summary(tmp_path, monkeypatch):
@@ -771,15 +815,17 @@ def ext4_disk(where: Path):
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
-def wait_for_a_second_save(last: Path) -> None:
-    """Wait until `last` is replaced by the run's next save. A checkpoint's folder is fsynced after its
-    rename, in the background, so the file shows before it is durable; saves run in order, so once the
-    second is renamed the first is on disk, and an ext4 that errors now keeps one of the two."""
-    first = last.stat().st_ino
+def wait_for_saves(last: Path, count: int = 1, alive: subprocess.Popen | None = None) -> None:
+    """Wait until the run has replaced checkpoint `last` `count` times (saves may come faster than
+    this looks), with `alive`: asserting that process keeps running meanwhile."""
+    seen, changes = last.stat().st_ino, 0
     deadline = time.monotonic() + 120
-    while last.stat().st_ino == first:
-        assert time.monotonic() < deadline, "the run saved no second checkpoint in 120 s"
-        time.sleep(0.05)
+    while changes < count:
+        assert alive is None or alive.poll() is None, alive.communicate()
+        assert time.monotonic() < deadline, f"the run saved {changes} of {count} checkpoints in 120 s"
+        time.sleep(0.02)
+        if (inode := last.stat().st_ino) != seen:
+            seen, changes = inode, changes + 1
 
 
 def remount_repaired(where: Path) -> None:
@@ -795,8 +841,11 @@ def test_a_disk_that_fails_mid_run_fails_the_run_and_resume_works_once_it_is_bac
     with small_disk(tmp_path / "disk", "8m") if fault == "full" else ext4_disk(tmp_path / "disk") as disk_or_trigger:
         disk = tmp_path / "disk"
         proc, folder = start_run(disk)
-        if fault == "read-only":  # only a committed save survives the error: wait for the next one to replace it
-            wait_for_a_second_save(folder / "checkpoints" / "last.pt")
+        if fault == "read-only":
+            # a checkpoint's folder is fsynced after its rename, in the background, so last.pt shows before
+            # it is durable, and an ext4 that errors drops a rename not yet committed; saves run in order:
+            # once the next has replaced it, the first is on disk
+            wait_for_saves(folder / "checkpoints" / "last.pt")
         if fault == "full":  # another process fills the disk
             subprocess.run(["dd", "if=/dev/zero", f"of={disk / 'filler'}", "bs=64k"], capture_output=True)
         else:  # the filesystem turns read-only under the run

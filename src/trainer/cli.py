@@ -1,6 +1,6 @@
 """The `trainer` command line: the only module that imports Typer and turns exceptions into exit codes.
 
-Exit codes: 0 done; 1 a run that failed while training; 2 bad input; 130 SIGINT; 143 SIGTERM.
+Exit codes: 0 done; 1 a run that failed while training; 2 bad input; 130 SIGINT; 143 SIGTERM (or SIGHUP, a closed terminal).
 torch is imported inside the commands, so `trainer --help` stays fast.
 """
 
@@ -70,7 +70,7 @@ def _guarded(action: Callable[[], None]) -> None:
 
 
 def _guarded_body(action: Callable[[], None]) -> None:
-    from trainer.errors import TrainingFailed, UsageError, first_line
+    from trainer.errors import Terminated, TrainingFailed, UsageError, first_line
 
     try:
         action()
@@ -84,6 +84,9 @@ def _guarded_body(action: Callable[[], None]) -> None:
         if not _other_rank():
             err_console.print("interrupted (SIGINT)")
         raise typer.Exit(130)
+    except Terminated as stop:  # predict, export: their temporary files are gone, nothing was written
+        err_console.print(f"stopped ({stop}); nothing was written")
+        raise typer.Exit(128 + stop.signum)
     except Exception as err:
         # a bug in trainer, not in the input: one line, and the traceback only on request
         if os.environ.get("TRAINER_DEBUG"):
@@ -510,11 +513,13 @@ def export(
     """Export a trained model as a file other programs load, checked against the model first; prints its path."""
 
     def action() -> None:
+        from trainer.errors import terminated_raises
         from trainer.export import FORMATS, ExportMismatch, export_run
 
         which = _on_trained_run(target, best, last, plugins, force)
         try:
-            done = export_run(target, fmt=fmt, output=output, which=which, force=force)
+            with terminated_raises():  # a SIGTERM leaves no temporary file behind
+                done = export_run(target, fmt=fmt, output=output, which=which, force=force)
         except ExportMismatch as err:  # the input was fine; the exporter's result is wrong
             _fail(str(err), EXIT_FAILED)
         shape = ", ".join(["batch", *map(str, done.input_shape)])
@@ -553,13 +558,15 @@ def predict(
     """Predict with a saved model on new CSV rows or images, preprocessed as its training data were."""
 
     def action() -> None:
+        from trainer.errors import terminated_raises
         from trainer.predict import describe, predict
 
         which = _on_trained_run(target, best, last, plugins, force)
-        result = predict(
-            target, inputs, split=split, which=which, device=device,
-            batch_size=batch_size, output=output, fmt=fmt, stream=sys.stdout,
-        )  # fmt: skip
+        with terminated_raises():  # a SIGTERM leaves no temporary file behind
+            result = predict(
+                target, inputs, split=split, which=which, device=device,
+                batch_size=batch_size, output=output, fmt=fmt, stream=sys.stdout,
+            )  # fmt: skip
         for line in describe(result, output):
             err_console.print(line, markup=False)
 

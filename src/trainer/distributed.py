@@ -23,7 +23,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from trainer.errors import UsageError
+from trainer.errors import UsageError, as_stop, stop_signals
 
 # how long a collective may wait for a rank before the job fails; a dead rank is noticed by
 # torchrun at once, this only bounds a rank that hangs
@@ -248,11 +248,11 @@ def launch(nproc: int, trainer_args: list[str]) -> int:
 
         def forward(signum: int, frame: Any) -> None:
             # a closed terminal (SIGHUP) must not leave the job running in its own session
-            signum = signal.SIGTERM if signum == signal.SIGHUP else signum
+            signum = as_stop(signum)
             received.append(signum)
             process.send_signal(signum)
 
-        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        previous = {s: signal.signal(s, forward) for s in stop_signals()}  # SIGHUP left alone under nohup
         try:
             code = process.wait()
         finally:

@@ -1,6 +1,12 @@
-"""The exceptions `cli.py` turns into exit codes: UsageError -> 2, TrainingFailed -> 1."""
+"""The exceptions `cli.py` turns into exit codes: UsageError -> 2, TrainingFailed -> 1, Terminated
+-> 128 + the signal; and which signals ask a command to stop."""
 
 from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 
 class UsageError(Exception):
@@ -34,3 +40,40 @@ def first_line(err: BaseException) -> str:
 
 class TrainingFailed(Exception):
     """A run that failed while training (a non-finite loss, say). Exit code 1."""
+
+
+class Terminated(BaseException):
+    """SIGTERM (or SIGHUP) arrived in a command that writes files but trains nothing (predict,
+    export): raised where the command is, so its temporary files are removed. Exit code 128 + signal.
+    A BaseException, like KeyboardInterrupt, so no `except Exception` on the way swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def stop_signals() -> tuple[int, ...]:
+    """The signals that ask a command to stop: SIGINT, SIGTERM, and SIGHUP (a closed terminal) unless
+    it is ignored, as `nohup` leaves it: a handler of ours would undo nohup."""
+    hangup = () if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN else (signal.SIGHUP,)
+    return (signal.SIGINT, signal.SIGTERM, *hangup)
+
+
+def as_stop(signum: int) -> int:
+    """A closed terminal stops what runs as SIGTERM does: SIGHUP -> SIGTERM, others as they are."""
+    return signal.SIGTERM if signum == signal.SIGHUP else signum
+
+
+@contextmanager
+def terminated_raises() -> Iterator[None]:
+    """While active, SIGTERM and SIGHUP raise Terminated (as SIGTERM) where the program is."""
+
+    def handle(signum: int, frame: Any) -> None:
+        raise Terminated(as_stop(signum))
+
+    previous = {s: signal.signal(s, handle) for s in stop_signals() if s != signal.SIGINT}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

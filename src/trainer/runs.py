@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from trainer import __version__, plugins
-from trainer.errors import TrainingFailed, UsageError, first_line
+from trainer.errors import TrainingFailed, UsageError, as_stop, first_line, stop_signals
 
 RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "env.json")
 
@@ -191,7 +191,7 @@ def environment(device: str, device_reason: str, dist: Any = None) -> dict[str, 
 
 
 class Stopped(Exception):
-    """SIGINT or SIGTERM arrived; `exit_code` is 130 or 143."""
+    """SIGINT or SIGTERM (or SIGHUP, taken as SIGTERM) arrived; `exit_code` is 130 or 143."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
@@ -204,7 +204,8 @@ class Pruned(Exception):
 
 class StopRequests:
     """While active, SIGINT and SIGTERM ask the loop to stop after the current step (it saves
-    last.pt first); a second SIGINT stops at once.
+    last.pt first); a second SIGINT stops at once. SIGHUP (the terminal closed) asks as SIGTERM
+    does, unless it is ignored (`nohup`).
 
     `ignore_after`: once the run is over, ignore both instead of restoring the old handlers. Under
     torchrun, a rank that exits first (stopped, or failed) makes torchrun SIGTERM the others; a
@@ -220,10 +221,10 @@ class StopRequests:
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.signum = signum
+        self.signum = as_stop(signum)
 
     def __enter__(self) -> StopRequests:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in stop_signals():
             self._previous[signum] = signal.signal(signum, self._handle)
         outer = getattr(self._previous[signal.SIGTERM], "__self__", None)
         if isinstance(outer, StopRequests) and outer.signum is not None:

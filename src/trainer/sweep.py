@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.config import ConfigError, Problem, dump_yaml, read_yaml_file
-from trainer.errors import TrainingFailed, UsageError, first_line
+from trainer.errors import TrainingFailed, UsageError, as_stop, first_line, stop_signals
 
 SWEEP_KEYS = ("config", "name", "method", "trials", "metric", "mode", "seed", "set", "parameters", "prune")
 METHODS = ("grid", "random", "tpe")
@@ -938,10 +938,11 @@ def _run_workers(
                 proc.send_signal(signum)
 
     def forward(signum: int, frame: Any) -> None:
+        signum = as_stop(signum)  # a closed terminal stops the workers as SIGTERM does
         received.append(signum)
         signal_all(signum)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, forward) for s in stop_signals()}
     died = None
     try:
         while True:
