@@ -134,15 +134,23 @@ def slow_net(in_features: int = 4, out_features: int = 2) -> nn.Module:
 """
 
 
-def signal_when_written(proc: subprocess.Popen, folder: Path, pattern: str, signum: int) -> Path:
-    """Send `signum` to `proc` as soon as a file matching `pattern` shows in `folder`; that file."""
+def stopped_mid_write(cli: Any, tmp_path: Path, *args: str, pattern: str, signum: int) -> Result:
+    """Train a slow_net run (SLOW_PLUGIN) at tmp_path/run, start `trainer ARGS... --plugins slow.py`
+    with SLOW_FORWARD set and an empty tmp_path/out, send it `signum` as soon as a file matching
+    `pattern` shows in out/ (the command is writing), and return how it ended."""
+    (tmp_path / "slow.py").write_text(SLOW_PLUGIN)
+    (tmp_path / "slow.yaml").write_text(yaml.safe_dump(tiny_config(model={"name": "slow_net"}, train={"epochs": 1})))
+    assert cli("run", "slow.yaml", "--plugins", "slow.py", "--run-dir", "run", "-q").code == 0
+    (tmp_path / "out").mkdir()
+    proc = start_trainer(*args, "--plugins", "slow.py", cwd=tmp_path, env={"SLOW_FORWARD": "1"})
     deadline = time.monotonic() + 120
-    while not (found := sorted(folder.glob(pattern))):
+    while not list((tmp_path / "out").glob(pattern)):
         assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, f"no {pattern} in {folder} in 120 s"
+        assert time.monotonic() < deadline, f"no {pattern} in out/ in 120 s"
         time.sleep(0.01)
     proc.send_signal(signum)
-    return found[0]
+    stdout, stderr = proc.communicate(timeout=120)
+    return Result(proc.returncode, stdout, stderr, tmp_path)
 
 
 def start_trainer(*args: Any, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:

@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import CONFIGS, REPO, SLOW_PLUGIN, signal_when_written, start_trainer, tiny_config, trainer_executable
+from conftest import CONFIGS, REPO, stopped_mid_write, tiny_config, trainer_executable
 from trainer.config import config_from_dict, load_config, registries
 from trainer.errors import UsageError
 from trainer.export import ExportMismatch, export_module, export_run
@@ -408,19 +408,14 @@ def test_best_without_best_pt_is_refused_and_an_export_that_differs_from_the_mod
     assert "export" not in files_in(tmp_path / "stopped")
 
 
-def test_a_sigterm_mid_export_leaves_nothing_behind(cli, tmp_path, write_config):
-    (tmp_path / "slow.py").write_text(SLOW_PLUGIN)
-    config = write_config(tiny_config(model={"name": "slow_net"}, train={"epochs": 1}))
-    assert cli("run", config, "--plugins", "slow.py", "--run-dir", "run", "-q").code == 0
-    (tmp_path / "out").mkdir()
-    proc = start_trainer(
-        "export", "run", "--format", "safetensors", "-o", "out/model.safetensors", "--plugins", "slow.py",
-        cwd=tmp_path, env={"SLOW_FORWARD": "1"},  # a second a forward: checking the written file takes one
+def test_a_sigterm_mid_export_leaves_nothing_behind(cli, tmp_path):
+    # SLOW_FORWARD: a second a forward, and checking the written file takes one
+    result = stopped_mid_write(
+        cli, tmp_path, "export", "run", "--format", "safetensors", "-o", "out/model.safetensors",
+        pattern=".model.*.tmp*", signum=signal.SIGTERM,
     )  # fmt: skip
-    signal_when_written(proc, tmp_path / "out", ".model.*.tmp*", signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 143, stderr
-    assert stderr.strip().splitlines()[-1] == "stopped (SIGTERM); nothing was written" and stdout == ""
+    assert result.code == 143, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "stopped (SIGTERM); nothing was written" and result.stdout == ""
     assert files_in(tmp_path / "out") == []  # no hidden temporaries, no model, no config.yaml
 
 

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import SLOW_PLUGIN, Result, signal_when_written, start_trainer, tiny_config
+from conftest import Result, stopped_mid_write
 from datafiles import make_image_folder
 from PIL import Image
 
@@ -356,17 +356,11 @@ def test_digit_files_on_disk_equal_the_embedded_digits(cli, digits_run, tmp_path
     assert [r["prediction"] for r in records] == [str(int(k)) for k in expected.argmax(1)]
 
 
-def test_a_closed_terminal_mid_prediction_leaves_no_output(cli, tmp_path, write_config):
-    (tmp_path / "slow.py").write_text(SLOW_PLUGIN)
-    config = write_config(tiny_config(model={"name": "slow_net"}, train={"epochs": 1}))
-    assert cli("run", config, "--plugins", "slow.py", "--run-dir", "run", "-q").code == 0
-    (tmp_path / "out").mkdir()
-    proc = start_trainer(
-        "predict", "run", "--split", "train", "-o", "out/predictions.csv", "--plugins", "slow.py",
-        cwd=tmp_path, env={"SLOW_FORWARD": "1"},  # a second a batch
+def test_a_closed_terminal_mid_prediction_leaves_no_output(cli, tmp_path):
+    result = stopped_mid_write(  # SLOW_FORWARD: a second a batch; SIGHUP is what a closed terminal sends
+        cli, tmp_path, "predict", "run", "--split", "train", "-o", "out/predictions.csv",
+        pattern=".predictions.csv.*.tmp", signum=signal.SIGHUP,
     )  # fmt: skip
-    signal_when_written(proc, tmp_path / "out", ".predictions.csv.*.tmp", signal.SIGHUP)  # what a closed terminal sends
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 143, stderr  # taken as SIGTERM
-    assert stderr.strip().splitlines()[-1] == "stopped (SIGTERM); nothing was written" and stdout == ""
+    assert result.code == 143, result.stderr  # taken as SIGTERM
+    assert result.stderr.strip().splitlines()[-1] == "stopped (SIGTERM); nothing was written" and result.stdout == ""
     assert list((tmp_path / "out").iterdir()) == []

@@ -146,10 +146,12 @@ def test_a_grid_killed_mid_trial_finishes_as_if_never_stopped(sweep_dir: Path, c
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
 
 
-def test_sigterm_stops_the_workers_resumably(sweep_dir: Path, cli) -> None:
+def test_sigterm_or_a_closed_terminal_stops_the_workers_resumably(sweep_dir: Path, cli) -> None:
     proc = start_sweep(sweep_dir, "grid.yaml", "--workers", "2", env={"TRAINER_STOP_AT_STEP": "8:SIGSTOP"})
     stopped_child(proc.pid)
-    os.kill(proc.pid, signal.SIGTERM)  # the sweep command passes it on to its workers
+    # a closed terminal's SIGHUP, which the sweep command passes on to its workers as SIGTERM: the
+    # path a SIGTERM to it takes from there
+    os.kill(proc.pid, signal.SIGHUP)
     while proc.poll() is None:  # a frozen worker, woken, sees its SIGTERM: it saves and stops
         for child in children(proc.pid):
             os.kill(child, signal.SIGCONT)
@@ -192,7 +194,7 @@ def test_two_machines_share_one_sweep_on_a_postgresql_server(sweep_dir: Path, po
 
 def test_two_workers_never_run_the_same_cell(sweep_dir: Path) -> None:
     write(sweep_dir, "six.yaml", {**GRID, "set": {"train.max_steps": 3}, "parameters": {"optimizer.lr": [0.01, 0.02, 0.03], "seed": [1, 2]}})
-    result = sweep_in_process(sweep_dir, "six.yaml", "--workers", "2")  # the console script's --workers 2: SIGTERM's test
+    result = sweep_in_process(sweep_dir, "six.yaml", "--workers", "2")  # the console script's --workers 2: the SIGTERM test
     assert result.code == 0, result.output
     trials = study_of(sweep_dir, "six").get_trials()
     cells = [(t.params["optimizer.lr"], t.params["seed"]) for t in trials]
