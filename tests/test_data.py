@@ -638,6 +638,26 @@ def test_image_folder_rgb_default_size(tmp_path):
     assert sorted(labels.tolist()) == [0] * 4 + [1] * 4
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P", "I;16"])
+def test_images_are_loaded_and_resized_as_torchvision_does_bit_for_bit(tmp_path, mode):
+    import numpy as np
+    import torchvision.transforms as T
+    from PIL import Image
+    from torchvision.datasets.folder import default_loader
+
+    from trainer.data import _load_image, image_transform
+
+    pixels = np.random.default_rng(0).integers(0, 256, (13, 7, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels[:, :, 0].astype(np.uint16) * 257) if mode == "I;16" else Image.fromarray(pixels).convert(mode)
+    image.save(tmp_path / "x.png")
+    loaded = _load_image(str(tmp_path / "x.png"))
+    assert np.array_equal(np.asarray(loaded), np.asarray(default_loader(str(tmp_path / "x.png"))))
+    for size in (4, 28, 32):  # down and up
+        for grayscale in (False, True):
+            theirs = T.Compose([T.Resize((size, size))] + ([T.Grayscale(1)] if grayscale else []) + [T.ToTensor()])
+            assert torch.equal(image_transform(size, grayscale)(loaded), theirs(loaded)), (size, grayscale)
+
+
 def test_image_folder_follows_the_model_shape(tmp_path):
     root = make_image_folder(tmp_path / "img")
     _, _, info = build("image_folder", {"root": str(root)}, model_input_shape=(1, 16, 16))

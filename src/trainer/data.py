@@ -802,15 +802,17 @@ class ImageReadError(DataError):
 
 
 def _load_image(path: str) -> Any:
-    """ImageFolder's loader: torchvision's, with an unreadable file raised as ImageReadError naming it.
+    """ImageFolder's loader: torchvision's (the file as an RGB PIL image), with an unreadable file
+    raised as ImageReadError naming it.
 
-    Module-level, so DataLoader workers can unpickle it.
+    Module-level, so DataLoader workers can unpickle it. Pillow alone: importing any part of
+    torchvision imports torch._dynamo (~2 s), which `trainer predict` of image files need not pay.
     """
     from PIL import Image, UnidentifiedImageError
-    from torchvision.datasets.folder import default_loader
 
     try:
-        return default_loader(path)
+        with open(path, "rb") as file:
+            return Image.open(file).convert("RGB")
     except UnidentifiedImageError:  # its message repeats the path, or names a file object
         reason = "cannot identify image file"
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # truncated, broken chunks, ...
@@ -842,10 +844,28 @@ def image_folder(root: str, image_size: int | None = None, grayscale: bool | Non
 
 
 def image_transform(size: int, grayscale: bool) -> Any:
-    """image_folder's transform of a loaded RGB image: resized to size x size, to gray if asked, to [0, 1]."""
-    import torchvision.transforms as T
+    """image_folder's transform of a loaded RGB image: resized to size x size, to gray if asked, to [0, 1].
 
-    return T.Compose([T.Resize((size, size))] + ([T.Grayscale(1)] if grayscale else []) + [T.ToTensor()])
+    What torchvision's `Compose([Resize((size, size)), Grayscale(1), ToTensor()])` does to a PIL
+    image, bit for bit (Pillow's bilinear resize, convert("L"), bytes / 255), without importing it."""
+    import functools
+
+    return functools.partial(_image_sample, size=size, grayscale=grayscale)
+
+
+def _image_sample(image: Any, *, size: int, grayscale: bool) -> Tensor:
+    from PIL import Image
+
+    image = image.resize((size, size), Image.Resampling.BILINEAR)
+    return _to_tensor(image.convert("L") if grayscale else image)
+
+
+def _to_tensor(image: Any) -> Tensor:
+    """torchvision's ToTensor of a PIL image (8 bits a channel): (C, H, W) float32 in [0, 1]."""
+    pixels = np.array(image, dtype=np.uint8, copy=True)
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous().to(torch.float32).div(255)
 
 
 def image_input(path: str, recipe: dict[str, Any]) -> Tensor:
@@ -864,14 +884,13 @@ def image_input(path: str, recipe: dict[str, Any]) -> Tensor:
         raise DataError(err.message, key=None) from None
     if recipe["resize"] == "pil":
         return image_transform(recipe["image_size"], recipe["channels"] == 1)(image)
-    import torchvision.transforms.functional as TF
     from PIL import Image
 
     image = image.convert("L")  # an RGB image of a gray one gives back its exact values
     native = recipe["native_size"]
     if image.size != (native, native):
         image = image.resize((native, native), Image.Resampling.BILINEAR)
-    return _resize(TF.to_tensor(image).unsqueeze(0), recipe["image_size"])[0]
+    return _resize(_to_tensor(image).unsqueeze(0), recipe["image_size"])[0]
 
 
 def _check_positive(**values: int) -> None:
