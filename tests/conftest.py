@@ -110,8 +110,8 @@ def start_run(tmp_path: Path, *args: Any, env: dict[str, str] | None = None, **s
     return proc, folder
 
 
-# a model whose forward takes a second when SLOW_FORWARD is set: a window in which a command that
-# uses a trained run (predict, export) is caught mid-write by a real signal
+# a model whose forward takes two seconds when SLOW_FORWARD is set: a window in which a command that
+# uses a trained run (predict, export) is caught mid-write by a real signal (which ends the sleep)
 SLOW_PLUGIN = """
 import os
 import time
@@ -123,13 +123,13 @@ from trainer import register_model
 class SlowNet(nn.Linear):
     def forward(self, x):
         if os.environ.get("SLOW_FORWARD"):
-            time.sleep(1)
+            time.sleep(2)
         return super().forward(x)
 
 
 @register_model("slow_net", input_shape=(4,))
 def slow_net(in_features: int = 4, out_features: int = 2) -> nn.Module:
-    \"\"\"A linear layer whose forward sleeps a second when SLOW_FORWARD is set.\"\"\"
+    \"\"\"A linear layer whose forward sleeps two seconds when SLOW_FORWARD is set.\"\"\"
     return SlowNet(in_features, out_features)
 """
 

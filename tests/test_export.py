@@ -409,7 +409,7 @@ def test_best_without_best_pt_is_refused_and_an_export_that_differs_from_the_mod
 
 
 def test_a_sigterm_mid_export_leaves_nothing_behind(cli, tmp_path):
-    # SLOW_FORWARD: a second a forward, and checking the written file takes one
+    # SLOW_FORWARD: two seconds a forward, and checking the written file takes one
     result = stopped_mid_write(
         cli, tmp_path, "export", "run", "--format", "safetensors", "-o", "out/model.safetensors",
         pattern=".model.*.tmp*", signum=signal.SIGTERM,

@@ -359,7 +359,7 @@ def test_digit_files_on_disk_equal_the_embedded_digits(cli, digits_run, tmp_path
 
 
 def test_a_closed_terminal_mid_prediction_leaves_no_output(cli, tmp_path):
-    result = stopped_mid_write(  # SLOW_FORWARD: a second a batch; SIGHUP is what a closed terminal sends
+    result = stopped_mid_write(  # SLOW_FORWARD: two seconds a batch; SIGHUP is what a closed terminal sends
         cli, tmp_path, "predict", "run", "--split", "train", "-o", "out/predictions.csv",
         pattern=".predictions.csv.*.tmp", signum=signal.SIGHUP,
     )  # fmt: skip
