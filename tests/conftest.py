@@ -134,9 +134,9 @@ def slow_net(in_features: int = 4, out_features: int = 2) -> nn.Module:
 """
 
 
-def stopped_mid_write(cli: Any, tmp_path: Path, *args: str, pattern: str, signum: int) -> Result:
+def stopped_mid_write(cli: Any, tmp_path: Path, *args: str, pattern: str, signals: tuple[int, ...]) -> Result:
     """Train a slow_net run (SLOW_PLUGIN) at tmp_path/run, start `trainer ARGS... --plugins slow.py`
-    with SLOW_FORWARD set and an empty tmp_path/out, send it `signum` as soon as a file matching
+    with SLOW_FORWARD set and an empty tmp_path/out, send it `signals` as soon as a file matching
     `pattern` shows in out/ (the command is writing), and return how it ended."""
     (tmp_path / "slow.py").write_text(SLOW_PLUGIN)
     (tmp_path / "slow.yaml").write_text(yaml.safe_dump(tiny_config(model={"name": "slow_net"}, train={"epochs": 1})))
@@ -148,7 +148,8 @@ def stopped_mid_write(cli: Any, tmp_path: Path, *args: str, pattern: str, signum
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, f"no {pattern} in out/ in 120 s"
         time.sleep(0.01)
-    proc.send_signal(signum)
+    for signum in signals:
+        proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=120)
     return Result(proc.returncode, stdout, stderr, tmp_path)
 

@@ -412,10 +412,10 @@ def test_a_sigterm_mid_export_leaves_nothing_behind(cli, tmp_path):
     # SLOW_FORWARD: two seconds a forward, and checking the written file takes one
     result = stopped_mid_write(
         cli, tmp_path, "export", "run", "--format", "safetensors", "-o", "out/model.safetensors",
-        pattern=".model.*.tmp*", signum=signal.SIGTERM,
+        pattern=".model.*.tmp*", signals=(signal.SIGTERM,),
     )  # fmt: skip
     assert result.code == 143, result.stderr
-    assert result.stderr.strip().splitlines()[-1] == "stopped (SIGTERM); nothing was written" and result.stdout == ""
+    assert result.stderr.strip().splitlines()[-1] == "stopped (SIGTERM) before its output was complete" and result.stdout == ""
     assert files_in(tmp_path / "out") == []  # no hidden temporaries, no model, no config.yaml
 
 

@@ -138,19 +138,28 @@ def test_a_closed_terminal_stops_the_run_as_sigterm_does(tmp_path):
     trainer = trainer_executable()
     pid, terminal = pty.fork()  # the run's own session, with the pseudo-terminal as its controlling terminal
     if pid == 0:  # pragma: no cover - the child becomes the run
-        os.chdir(tmp_path)
-        os.execve(trainer, [trainer, "run", str(config), "--run-dir", str(folder)], {**os.environ, "OMP_NUM_THREADS": "1"})
-    shown = b""
-    deadline = time.monotonic() + 120
-    while not (folder / "checkpoints" / "last.pt").exists():  # reading what it shows, so it never waits on the terminal
-        assert time.monotonic() < deadline, shown.decode(errors="replace")
-        if select.select([terminal], [], [], 0.05)[0]:
-            shown += os.read(terminal, 65536)
-    assert b"epoch" in shown  # the live console, on a terminal
-    os.close(terminal)  # the terminal goes away: the kernel sends the run SIGHUP, and its writes fail from now on
-    while (waited := os.waitpid(pid, os.WNOHANG))[0] == 0:
-        assert time.monotonic() < deadline, "the run went on after its terminal closed"
-        time.sleep(0.05)
+        try:
+            os.chdir(tmp_path)
+            os.execve(trainer, [trainer, "run", str(config), "--run-dir", str(folder)], {**os.environ, "OMP_NUM_THREADS": "1"})
+        finally:
+            os._exit(127)  # never a second pytest
+    waited = (0, 0)
+    try:
+        shown = b""
+        deadline = time.monotonic() + 120
+        while not (folder / "checkpoints" / "last.pt").exists():  # reading what it shows, so it never waits on the terminal
+            assert time.monotonic() < deadline, shown.decode(errors="replace")
+            if select.select([terminal], [], [], 0.05)[0]:
+                shown += os.read(terminal, 65536)
+        assert b"epoch" in shown  # the live console, on a terminal
+        os.close(terminal)  # the terminal goes away: the kernel sends the run SIGHUP, and its writes fail from now on
+        while (waited := os.waitpid(pid, os.WNOHANG))[0] == 0:
+            assert time.monotonic() < deadline, "the run went on after its terminal closed"
+            time.sleep(0.05)
+    finally:
+        if waited[0] == 0:  # a failed check: the 100,000-epoch run must not outlive the test
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(waited[1]) == 143  # as SIGTERM: it saved and stopped
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["error"].startswith("stopped by SIGTERM after step ")
@@ -163,10 +172,13 @@ def test_under_nohup_a_closed_terminal_leaves_the_run_training(tmp_path):
         proc, run_dir = start_run(tmp_path)
     finally:
         signal.signal(signal.SIGHUP, previous)
-    proc.send_signal(signal.SIGHUP)
-    wait_for_saves(run_dir / "checkpoints" / "last.pt", 3, alive=proc)  # a run taking it as a stop saves once and ends
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=60)
+    try:
+        proc.send_signal(signal.SIGHUP)
+        wait_for_saves(run_dir / "checkpoints" / "last.pt", 3, alive=proc)  # a run taking it as a stop saves once and ends
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()  # the 100,000-epoch run never outlives a failed check
     assert proc.returncode == 143, stderr
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
 

@@ -146,7 +146,7 @@ def test_a_grid_killed_mid_trial_finishes_as_if_never_stopped(sweep_dir: Path, c
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
 
 
-def test_sigterm_or_a_closed_terminal_stops_the_workers_resumably(sweep_dir: Path, cli) -> None:
+def test_a_closed_terminal_stops_the_workers_resumably(sweep_dir: Path, cli) -> None:
     proc = start_sweep(sweep_dir, "grid.yaml", "--workers", "2", env={"TRAINER_STOP_AT_STEP": "8:SIGSTOP"})
     stopped_child(proc.pid)
     # a closed terminal's SIGHUP, which the sweep command passes on to its workers as SIGTERM: the

@@ -84,8 +84,8 @@ def _guarded_body(action: Callable[[], None]) -> None:
         if not _other_rank():
             err_console.print("interrupted (SIGINT)")
         raise typer.Exit(130)
-    except Terminated as stop:  # predict, export: their temporary files are gone, nothing was written
-        err_console.print(f"stopped ({stop}); nothing was written")
+    except Terminated as stop:  # predict, export: their temporary files are gone, an --output untouched
+        err_console.print(f"stopped ({stop}) before its output was complete")
         raise typer.Exit(128 + stop.signum)
     except Exception as err:
         # a bug in trainer, not in the input: one line, and the traceback only on request

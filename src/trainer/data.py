@@ -223,9 +223,11 @@ class _EpochSampler(DistributedSampler):
 
 
 def _ignore_sigint(worker_id: int) -> None:
-    # Ctrl-C reaches the whole process group; the main process finishes its step and saves a
-    # checkpoint, which needs the workers alive (they would exit on KeyboardInterrupt)
+    # Ctrl-C and a closed terminal's SIGHUP reach the whole process group; the main process finishes
+    # its step and saves a checkpoint, which needs the workers alive (they would exit on the
+    # KeyboardInterrupt, or on the handler they inherited from the main process)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 class LoaderBatches:

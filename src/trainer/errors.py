@@ -66,14 +66,26 @@ def as_stop(signum: int) -> int:
 
 @contextmanager
 def terminated_raises() -> Iterator[None]:
-    """While active, SIGTERM and SIGHUP raise Terminated (as SIGTERM) where the program is."""
-
-    def handle(signum: int, frame: Any) -> None:
-        raise Terminated(as_stop(signum))
-
-    previous = {s: signal.signal(s, handle) for s in stop_signals() if s != signal.SIGINT}
+    """While active, SIGTERM and SIGHUP raise Terminated (as SIGTERM) where the program is, once:
+    a second one (a closed terminal often sends two) must not cut the cleanup short. See also
+    `output_in_place`."""
+    previous = {s: signal.signal(s, _raise_terminated) for s in stop_signals() if s != signal.SIGINT}
     try:
         yield
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    output_in_place()
+    raise Terminated(as_stop(signum))
+
+
+def output_in_place() -> None:
+    """From here to the end of `terminated_raises`, SIGTERM and SIGHUP are ignored: the command puts
+    its output in place (renames: milliseconds), which a signal must not leave half done, and after
+    which it must not say it wrote nothing. A no-op outside `terminated_raises`."""
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(s) is _raise_terminated:
+            signal.signal(s, signal.SIG_IGN)

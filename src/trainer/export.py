@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.errors import UsageError, first_line
+from trainer.errors import UsageError, first_line, output_in_place
 
 FORMATS = {
     "pt2": "a torch.export program (torch.export.load)",
@@ -227,9 +227,10 @@ def export_module(
         raise UsageError(
             f"model '{name}' returns {type(expected).__name__}, not one tensor; export needs a forward() that returns a tensor"
         )
-    tmp = _temporary(output)
-    written = [tmp]
+    written: list[Path] = []
     try:
+        tmp = _temporary(output)
+        written.append(tmp)
         if fmt == "pt2":
             got = _pt2(model, batch, tmp, name)
         elif fmt == "onnx":
@@ -245,6 +246,7 @@ def export_module(
                 f"on {len(batch)} samples of the {split} split (limit {_number(limit)}); nothing was written. "
                 "A model that draws random numbers in eval mode cannot pass; otherwise try another --format"
             )
+        output_in_place()  # both files or neither
         if fmt == "safetensors":
             _commit(written[1], output.with_name("config.yaml"))
         _commit(tmp, output)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
-from trainer.errors import DataError, UsageError
+from trainer.errors import DataError, UsageError, output_in_place
 
 FORMATS = ("csv", "jsonl")
 SPLITS = ("val", "test", "train")  # test: the held-out split, as in trainer eval
@@ -412,6 +412,7 @@ class RowWriter:
         self.file.close()
         try:
             if self.output is not None:
+                output_in_place()
                 os.replace(self.tmp, self.output)
                 return
             with open(self.tmp, encoding="utf-8") as source:
@@ -473,11 +474,13 @@ def predict(
     loaded = load_model(target, which=which, device=device, need_data=split is not None)
     size = batch_size or loaded.config.data.batch_size
     inputs = split_inputs(loaded, split, size) if split is not None else file_inputs(spec, loaded, size)
-    writer = RowWriter(loaded, inputs.ids, fmt, output)
+    writer = None
     try:
+        writer = RowWriter(loaded, inputs.ids, fmt, output)
         metrics = run_model(loaded, inputs, writer.rows)
     except BaseException:
-        writer.discard()
+        if writer is not None:
+            writer.discard()
         raise
     writer.finish(stream)
     return Prediction(loaded.path, loaded.step, writer.count, metrics, inputs.notes)
