@@ -315,6 +315,32 @@ class LoaderBatches:
 # building
 
 
+def _factory_call(
+    name: str, kwargs: dict[str, Any], *, val_fraction: float, seed: int, model_input_shape: tuple[int, ...] | None
+) -> tuple[Any, dict[str, Any]]:
+    """Dataset `name`'s factory and its checked kwargs, with what the runner fills in (see build_data)."""
+    try:
+        factory = DATASETS.get(name).factory
+    except RegistryError as err:
+        raise DataError(str(err), key="data.name") from None
+    kwargs, problems = DATASETS.check_kwargs(name, kwargs)
+    problems += [(arg, f"{name}() needs argument '{arg}'") for arg in DATASETS.missing_kwargs(name, kwargs)]
+    if problems:
+        (first, message), rest = problems[0], problems[1:]
+        raise DataError("; ".join([message] + [f"data.{arg}: {msg}" for arg, msg in rest]), key=f"data.{first}")
+    accepts = inspect.signature(factory).parameters
+    image_shape = model_input_shape if model_input_shape is not None and len(model_input_shape) == 3 else None
+    if "seed" in accepts:
+        kwargs["seed"] = seed
+    if "val_fraction" in accepts:
+        kwargs["val_fraction"] = val_fraction
+    if "image_size" in accepts and kwargs.get("image_size") is None and image_shape:
+        kwargs["image_size"] = image_shape[-1]
+    if "grayscale" in accepts and kwargs.get("grayscale") is None and image_shape:
+        kwargs["grayscale"] = image_shape[0] == 1
+    return factory, kwargs
+
+
 def build_data(
     name: str,
     kwargs: dict[str, Any],
@@ -333,37 +359,17 @@ def build_data(
     `grayscale=None` -> (C == 1). A factory that returns no val split gets `val_fraction` of its
     train split held out. Validation batches are never shuffled.
     """
-    try:
-        entry = DATASETS.get(name)
-    except RegistryError as err:
-        raise DataError(str(err), key="data.name") from None
-    kwargs, problems = DATASETS.check_kwargs(name, kwargs)
-    problems += [(arg, f"{name}() needs argument '{arg}'") for arg in DATASETS.missing_kwargs(name, kwargs)]
-    if problems:
-        (first, message), rest = problems[0], problems[1:]
-        raise DataError("; ".join([message] + [f"data.{arg}: {msg}" for arg, msg in rest]), key=f"data.{first}")
+    factory, kwargs = _factory_call(name, kwargs, val_fraction=val_fraction, seed=seed, model_input_shape=model_input_shape)
     if batch_size < 1:
         raise DataError(f"must be at least 1, got {batch_size}", key="data.batch_size")
-
-    accepts = inspect.signature(entry.factory).parameters
-    image_shape = model_input_shape if model_input_shape is not None and len(model_input_shape) == 3 else None
-    if "seed" in accepts:
-        kwargs["seed"] = seed
-    if "val_fraction" in accepts:
-        kwargs["val_fraction"] = val_fraction
-    if "image_size" in accepts and kwargs.get("image_size") is None and image_shape:
-        kwargs["image_size"] = image_shape[-1]
-    if "grayscale" in accepts and kwargs.get("grayscale") is None and image_shape:
-        kwargs["grayscale"] = image_shape[0] == 1
     try:
-        splits: Splits = entry.factory(**kwargs)
+        splits: Splits = factory(**kwargs)
     except DataError:
         raise
     except (TypeError, ValueError, OverflowError, RuntimeError, MemoryError) as err:
         # sizes torch cannot hold or allocate (size: 1e19, image_size: 10000000)
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if k not in ("seed", "val_fraction"))
-        raise DataError(f"dataset '{name}' cannot be built with {given}: {first}", key="data") from None
+        raise DataError(f"dataset '{name}' cannot be built with {given}: {first_line(err)}", key="data") from None
 
     train, val = splits.train, splits.val
     if val is None:
