@@ -324,16 +324,7 @@ def predictions_plot(
     def at(x: np.ndarray | float, y: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
         return left + px(x, *x_range), top + size - 1 - px(y, *y_range)
 
-    # the frame and its ticks
-    canvas.draw.rectangle((left - 1, top - 1, left + size, top + size), outline=GRAY)
-    for v in _ticks(*x_range):
-        x = float(at(v, y_range[0])[0])
-        canvas.draw.line((x, top + size, x, top + size + 4), fill=GRAY)
-        canvas.text(min(max(x, left + font.width(number(v)) / 2), width - MARGIN - font.width(number(v)) / 2), top + size + 5, number(v), GRAY, center=True)
-    for v in _ticks(*y_range):
-        y = float(at(x_range[0], v)[1])
-        canvas.draw.line((left - 5, y, left - 1, y), fill=GRAY)
-        canvas.text(left - 6, round(y - font.height / 2), number(v), GRAY, right=True)
+    _frame_and_ticks(canvas, at, x_range, y_range, (left, top, size, width), number)
     canvas.text(left + size / 2, top + size + 5 + font.height, x_name, GRAY, center=True)
     if inputs is None:
         canvas.text(left, MARGIN + font.height + 2, f"y: {y_name}, x: {x_name}; the line: prediction = target", GRAY)
@@ -357,6 +348,24 @@ def predictions_plot(
         stamp(pixels, *at(xs, ys), GREEN, frame, radius=3)
         stamp(pixels, *at(xs, fitted), ORANGE, frame)
     return _picture(pixels)
+
+
+def _frame_and_ticks(
+    canvas: _Canvas, at: Any, x_range: tuple[float, float], y_range: tuple[float, float], box: tuple[int, int, int, int], number: Any
+) -> None:
+    """A plot's square frame with its ticks and their numbers (`number(v)`); `box` is (left, top,
+    size, the image's width), `at(x, y)` a value's pixel."""
+    left, top, size, width = box
+    font = canvas.font
+    canvas.draw.rectangle((left - 1, top - 1, left + size, top + size), outline=GRAY)
+    for v in _ticks(*x_range):
+        x = float(at(v, y_range[0])[0])
+        canvas.draw.line((x, top + size, x, top + size + 4), fill=GRAY)
+        canvas.text(min(max(x, left + font.width(number(v)) / 2), width - MARGIN - font.width(number(v)) / 2), top + size + 5, number(v), GRAY, center=True)
+    for v in _ticks(*y_range):
+        y = float(at(x_range[0], v)[1])
+        canvas.draw.line((left - 5, y, left - 1, y), fill=GRAY)
+        canvas.text(left - 6, round(y - font.height / 2), number(v), GRAY, right=True)
 
 
 def stamp(
