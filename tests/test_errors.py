@@ -41,10 +41,12 @@ def test_a_stop_signal_raises_terminated_as_sigterm_once_and_the_handlers_come_b
 
 
 def test_once_the_output_is_being_put_in_place_a_signal_is_ignored(hangup_restored):
-    before = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     output_in_place()  # outside terminated_raises: nothing changes
-    assert signal.getsignal(signal.SIGTERM) is before
+    assert {s: signal.getsignal(s) for s in before} == before
     with terminated_raises():
         output_in_place()
-        os.kill(os.getpid(), signal.SIGTERM)  # ignored: the command finishes
-    assert signal.getsignal(signal.SIGTERM) is before
+        for signum in before:  # ignored, Ctrl-C too: the command finishes
+            os.kill(os.getpid(), signum)
+    assert {s: signal.getsignal(s) for s in before} == before

@@ -70,6 +70,7 @@ def terminated_raises() -> Iterator[None]:
     a second one (a closed terminal often sends two) must not cut the cleanup short. See also
     `output_in_place`."""
     previous = {s: signal.signal(s, _raise_terminated) for s in stop_signals() if s != signal.SIGINT}
+    previous[signal.SIGINT] = signal.getsignal(signal.SIGINT)  # raises KeyboardInterrupt; `output_in_place` may change it
     try:
         yield
     finally:
@@ -83,9 +84,11 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 
 
 def output_in_place() -> None:
-    """From here to the end of `terminated_raises`, SIGTERM and SIGHUP are ignored: the command puts
-    its output in place (renames: milliseconds), which a signal must not leave half done, and after
-    which it must not say it wrote nothing. A no-op outside `terminated_raises`."""
-    for s in (signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(s) is _raise_terminated:
+    """From here to the end of `terminated_raises`, SIGTERM, SIGHUP and SIGINT are ignored: the
+    command puts its output in place (renames: milliseconds), which a signal must not leave half
+    done, and after which it must not say it wrote nothing. A no-op outside `terminated_raises`."""
+    if signal.getsignal(signal.SIGTERM) is not _raise_terminated:
+        return
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if s != signal.SIGHUP or signal.getsignal(s) is _raise_terminated:  # nohup's ignored SIGHUP stays so
             signal.signal(s, signal.SIG_IGN)
