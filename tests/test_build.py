@@ -61,11 +61,13 @@ def test_scheduler_length_is_filled_per_epoch_or_per_step():
 
 
 def test_built_for_a_trained_models_use_it_has_no_optimizer_and_the_same_resolved_config():
-    sections = {"scheduler": {"name": "one_cycle", "max_lr": 0.1}, "train": {"epochs": 5, "ema": True}}
+    sections = {"scheduler": {"name": "one_cycle", "max_lr": 0.1}, "train": {"epochs": 5, "ema": True, "compile": True}}
     training = built(**sections)
     using = build_run(config_from_dict(tiny_config(**sections), training=False), training=False)
     assert using.optimizer is None and using.scheduler is None and using.ema is None
     assert training.optimizer is not None and training.scheduler is not None and training.ema is not None
+    # nn.Module.compile sets _compiled_call_impl; nothing compiles before a forward pass
+    assert using.model._compiled_call_impl is None and training.model._compiled_call_impl is not None
     assert using.config == training.config and using.config.scheduler.kwargs["total_steps"] == 20
     assert using.settings == training.settings
 

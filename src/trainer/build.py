@@ -72,7 +72,8 @@ def build_run(
     With `world_size` > 1 the batches are process `rank`'s share of every epoch (trainer.data.epoch_order).
     `data_dir`: the folder relative data paths are read from (default: the working folder); the
     config keeps them as written. `training=False` (eval, predict, export) builds no optimizer,
-    scheduler or EMA: the first torch optimizer a process builds imports torch._dynamo (~2 s).
+    scheduler or EMA (the first torch optimizer a process builds imports torch._dynamo, ~2 s), and
+    does not compile the model (`train.compile`): compiling costs more than a pass over the data saves.
     """
     seed_everything(config.seed)
     torch_device, reason = resolve_device(device or config.device)
@@ -82,7 +83,7 @@ def build_run(
     resolved.device = device or config.device
 
     train_batches, val_batches, info = _build_data(config, resolved, data_dir=data_dir, rank=rank, world_size=world_size)
-    model = _build_model(config, resolved, info, torch_device)
+    model = _build_model(config, resolved, info, torch_device, compile=training)
     train_batches = train_batches.to(torch_device, channels_last=config.train.channels_last)
     val_batches = val_batches.to(torch_device, channels_last=config.train.channels_last) if val_batches is not None else None
     loss_fn = _component("loss", config.loss.name, lambda: LOSSES.build(config.loss.name, **config.loss.kwargs))
@@ -156,11 +157,11 @@ def _build_data(config: Config, resolved: Config, *, data_dir: Path | None, rank
     return train_batches, val_batches, info
 
 
-def _build_model(config: Config, resolved: Config, info: DataInfo, device: torch.device) -> nn.Module:
+def _build_model(config: Config, resolved: Config, info: DataInfo, device: torch.device, *, compile: bool) -> nn.Module:
     """The model with the sizes the data determines (filled into `resolved`), on `device`."""
     for key, value in infer_model_kwargs(config.model.name, config.model.kwargs, info).items():
         setattr(resolved.model, key, value)
-    return build_model(resolved, device)
+    return build_model(resolved, device, compile=compile)
 
 
 def build_model(resolved: Config, device: torch.device, *, compile: bool = True) -> nn.Module:
